@@ -1,0 +1,5 @@
+"""``python -m pipelines`` == ``diffusion-pipeline``."""
+
+from pipelines.cli import main
+
+main()

@@ -1,0 +1,84 @@
+"""PipelineConfig: YAML + overrides validated, errors name the field path and accepted values."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipelines.config import ConfigError, PipelineConfig, dump_yaml, load_config, parse_override
+
+CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_validate(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, PipelineConfig)
+
+
+def test_expected_configs_exist():
+    assert {p.name for p in CONFIGS} >= {"quickstart.yaml", "cifar10_ddpm.yaml", "cluster_example.yaml"}
+
+
+def test_cifar10_config_has_ho_et_al_hyperparameters():
+    cfg = load_config(Path(__file__).parents[2] / "configs" / "cifar10_ddpm.yaml")
+    assert (cfg.train.batch_size * cfg.train.num_workers, cfg.train.lr, cfg.train.warmup_steps) == (128, 2e-4, 5000)
+    assert (cfg.train.max_steps, cfg.model.dropout, cfg.diffusion.noise_schedule) == (800_000, 0.1, "linear")
+    assert cfg.train.ema_decays == [0.9999] and cfg.diffusion.sigma_small is False  # fixed-large variance
+
+
+def test_overrides_are_yaml_typed():
+    cfg = load_config(None, ["train.max_steps=200", "model.channel_mult=[1,2]", "train.compile=true"])
+    assert cfg.train.max_steps == 200 and cfg.model.channel_mult == [1, 2] and cfg.train.compile is True
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        (["data.image_size=-1"], "data.image_size"),
+        (["data.source=mnist"], "data.source"),
+        (["train.num_workers=0"], "train.num_workers"),
+        (["diffusion.noise_schedule=cosinus"], "diffusion.noise_schedule"),
+        (["train.bogus=1"], "train.bogus: unknown key"),
+        (["train.ema_decays=[1.5]"], "train.ema_decays"),
+        (["data.source=cifar10"], "data.path is required"),
+    ],
+)
+def test_errors_name_the_field(override, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, override)
+    assert needle in str(e.value)
+
+
+def test_literal_errors_list_accepted_values():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["data.source=mnist"])
+    for ok in ("digits", "image_folder", "cifar10", "shards"):
+        assert ok in str(e.value)
+
+
+def test_unknown_section_in_yaml(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("trainn:\n  max_steps: 3\n")
+    with pytest.raises(ConfigError, match="trainn: unknown key"):
+        load_config(p)
+
+
+def test_bad_override_syntax():
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        parse_override("train.max_steps")
+
+
+def test_dump_round_trip(tmp_path):
+    cfg = load_config(None, ["train.max_steps=7"])
+    p = tmp_path / "dump.yaml"
+    p.write_text(dump_yaml(cfg))
+    assert load_config(p) == cfg and yaml.safe_load(p.read_text())["train"]["max_steps"] == 7
+
+
+def test_section_fingerprint_tracks_only_its_sections():
+    a, b = load_config(None, ["train.max_steps=7"]), load_config(None, ["train.max_steps=8"])
+    assert a.section_fingerprint("data") == b.section_fingerprint("data")
+    assert a.section_fingerprint("train") != b.section_fingerprint("train")
