@@ -16,6 +16,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
+# Read once at import: mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI into this process's environment,
+# which must not leak the first workspace's database into configs validated later.
+_ENV_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
+
+
 class ConfigError(ValueError):
     """A configuration problem; the message names every bad field path and what is accepted."""
 
@@ -208,7 +213,9 @@ class ServeConfig(_Section):
     max_samples_per_request: int = Field(16, ge=1)
     keep_alive: bool = Field(False, description="Keep serving after the deploy stage (local runs).")
     max_queued_requests: int = Field(
-        8, ge=1, description="Requests allowed to wait for a model replica (per caller) before 503s start."
+        16, ge=1, description="Requests allowed to wait for a model replica slot, per caller (Serve's "
+        "max_queued_requests; it also counts requests being assigned, so keep it >= the expected burst); "
+        "beyond max_ongoing_requests + this, requests get 503.",
     )
     autoscaling_config: dict[str, Any] | None = Field(
         None, description="Ray Serve autoscaling_config (min_replicas, max_replicas, target_ongoing_requests, ...); "
@@ -247,15 +254,28 @@ class PipelineConfig(_Section):
     def tracking_uri(self) -> str:
         """The MLflow tracking URI in force: registry.tracking_uri, else $MLFLOW_TRACKING_URI, else the workspace's
         SQLite file."""
-        return (self.registry.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        return (self.registry.tracking_uri or _ENV_TRACKING_URI
                 or f"sqlite:///{self.workspace.mlflow_db}")
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
-    def section_fingerprint(self, *sections: str) -> str:
-        """Stable hash of the named sections (used to decide whether a stage's output is still valid)."""
-        payload = {s: self.to_dict()[s] for s in sections}
+    def section_fingerprint(self, *paths: str, exclude: tuple[str, ...] = ()) -> str:
+        """Stable hash of the named sections or dotted fields (minus ``exclude``): decides whether a stage's
+        output is still valid for this config."""
+        tree = self.to_dict()
+        for path in exclude:
+            *parents, leaf = path.split(".")
+            node = tree
+            for k in parents:
+                node = node[k]
+            node.pop(leaf, None)
+        payload = {}
+        for path in paths:
+            node = tree
+            for k in path.split("."):
+                node = node[k]
+            payload[path] = node
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
