@@ -1,0 +1,52 @@
+"""Image conversions shared by train, evaluate, serve and the CLI (PIL + numpy only, no torchvision)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """[-1, 1] float [B,C,H,W] -> uint8 [B,H,W,C] (the inverse of the loader's x/127.5 - 1)."""
+    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).numpy()
+
+
+def to_pil(array: np.ndarray) -> Image.Image:
+    """uint8 [H,W,C] with C in {1,3} -> PIL image (L or RGB)."""
+    return Image.fromarray(array[..., 0], mode="L") if array.shape[-1] == 1 else Image.fromarray(array, mode="RGB")
+
+
+def make_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2) -> Image.Image:
+    """Tile a batch in [-1, 1] into one PIL image, ``nrow`` images per row (default: about square)."""
+    arr = to_uint8(images)
+    b, h, w, c = arr.shape
+    nrow = nrow or max(1, math.ceil(math.sqrt(b)))
+    rows = math.ceil(b / nrow)
+    grid = np.zeros((rows * (h + padding) + padding, nrow * (w + padding) + padding, c), dtype=np.uint8)
+    for i in range(b):
+        r, col = divmod(i, nrow)
+        y, x = padding + r * (h + padding), padding + col * (w + padding)
+        grid[y : y + h, x : x + w] = arr[i]
+    return to_pil(grid)
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def to_png_b64(images: torch.Tensor) -> list[str]:
+    """Each image of a [-1, 1] batch as a base64-encoded PNG string."""
+    return [base64.b64encode(png_bytes(to_pil(a))).decode("ascii") for a in to_uint8(images)]
+
+
+def from_png_b64(data: str) -> np.ndarray:
+    """base64 PNG -> uint8 array [H,W] (L) or [H,W,3] (RGB)."""
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(data))))

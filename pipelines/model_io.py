@@ -1,0 +1,298 @@
+"""The one registered-model format and its one loader.
+
+A registered model is an MLflow pyfunc model (``DiffusionPyfunc``) whose artifacts are
+
+- ``weights.safetensors``: the (EMA) UNet weights,
+- ``config.json``: ``{"format_version", "unet": UNet config, "diffusion": create_diffusion kwargs,
+  "data": image size, channels, classes, normalisation, fingerprint, "training": steps, run id, ...}``.
+
+``load_model(uri)`` turns any model URI (``models:/name@alias``, ``models:/name/3``, ``runs:/id/model`` or a local
+directory) into a ready :class:`DiffusionSampler`; evaluate, serve, the CLI and ``mlflow.pyfunc`` all go through it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+import torch
+from safetensors.torch import load_file, save_file
+
+from diffusion_core import create_diffusion
+from diffusion_core.guidance import ClassifierFreeGuidance
+from diffusion_core.models import UNet
+from diffusion_core.samplers import sample as core_sample
+from diffusion_core.samplers import sample_progressive as core_sample_progressive
+from pipelines.config import DiffusionConfig, ModelConfig
+
+FORMAT_VERSION = 1
+WEIGHTS = "weights.safetensors"
+CONFIG = "config.json"
+MODEL_NAME_IN_RUN = "model"
+# The loader's normalisation: uint8 pixels p -> p / 127.5 - 1, so samples live in [-1, 1].
+NORMALISATION = {"scale": 1 / 127.5, "shift": -1.0, "range": [-1.0, 1.0]}
+
+
+ARCH_FIELDS = ("model_channels", "channel_mult", "num_res_blocks", "attention_resolutions", "num_heads",
+               "head_channels", "use_scale_shift_norm", "resblock_updown")
+
+
+def build_unet(model: ModelConfig, *, image_size: int, channels: int, num_classes: int, learn_sigma: bool) -> UNet:
+    """UNet for the data's shape. A preset fixes the architecture fields; dropout, label dropout, checkpointing
+    and memory format always come from the model section."""
+    classes = num_classes if (model.class_conditional and num_classes > 0) else None
+    if model.preset == "quickstart":
+        arch = UNet.quickstart(image_size=image_size, in_channels=channels, num_classes=classes).config
+    elif model.preset == "ddpm_cifar10":
+        arch = UNet.ddpm_cifar10().config
+    else:
+        arch = model.model_dump()
+    return UNet(
+        **{k: arch[k] for k in ARCH_FIELDS},
+        image_size=image_size, in_channels=channels, out_channels=channels, num_classes=classes,
+        learn_sigma=learn_sigma, dropout=model.dropout, class_dropout_prob=model.class_dropout_prob if classes else 0.0,
+        use_checkpoint=model.use_checkpoint, channels_last=model.channels_last,
+    )
+
+
+def diffusion_kwargs(d: DiffusionConfig) -> dict[str, Any]:
+    """``create_diffusion`` keyword arguments for a diffusion section (stored verbatim in config.json)."""
+    return dict(
+        timestep_respacing="",
+        noise_schedule=d.noise_schedule,
+        diffusion_steps=d.diffusion_steps,
+        predict_xstart=d.predict == "x0",
+        predict_v=d.predict == "v",
+        learn_sigma=d.learn_sigma,
+        sigma_small=d.sigma_small,
+        use_kl=d.use_kl,
+        rescale_learned_sigmas=d.rescale_learned_sigmas,
+    )
+
+
+def write_model_dir(directory: str | Path, state_dict: dict[str, torch.Tensor], card: dict[str, Any]) -> Path:
+    """Write ``weights.safetensors`` + ``config.json`` into ``directory`` (created)."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, str(d / WEIGHTS))
+    (d / CONFIG).write_text(json.dumps({"format_version": FORMAT_VERSION, **card}, indent=2, sort_keys=True))
+    return d
+
+
+@dataclass
+class DiffusionSampler:
+    """A UNet + its diffusion, ready to sample. Images are returned in [-1, 1], [B, C, H, W]."""
+
+    unet: UNet
+    card: dict[str, Any]
+    device: torch.device = torch.device("cpu")
+    info: dict[str, Any] = field(default_factory=dict)  # registry name/version/uri/run id when known
+
+    def __post_init__(self) -> None:
+        self.diffusion = create_diffusion(**self.card["diffusion"])
+        self.unet.eval().to(self.device)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.card["data"]["image_size"])
+
+    @property
+    def channels(self) -> int:
+        return int(self.card["data"]["channels"])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.unet.config.get("num_classes") or 0)
+
+    @property
+    def num_timesteps(self) -> int:
+        return int(self.card["diffusion"]["diffusion_steps"])
+
+    def labels_for(self, num_samples: int, class_labels: list[int] | None) -> torch.Tensor | None:
+        """Labels for a batch: the given ones (one, broadcast, or one per image), else 0,1,..,K-1 cycled."""
+        k = self.num_classes
+        if k == 0:
+            if class_labels:
+                raise ValueError("class_labels given but the model is unconditional")
+            return None
+        if class_labels is None:
+            return torch.arange(num_samples) % k
+        if len(class_labels) not in (1, num_samples):
+            raise ValueError(f"class_labels must have 1 or num_samples={num_samples} entries, got {len(class_labels)}")
+        bad = [c for c in class_labels if not 0 <= int(c) < k]
+        if bad:
+            raise ValueError(f"class_labels must lie in [0, {k - 1}], got {bad}")
+        labels = torch.tensor([int(c) for c in class_labels], dtype=torch.long)
+        return labels.expand(num_samples).clone() if len(class_labels) == 1 else labels
+
+    def _model_and_kwargs(self, labels: torch.Tensor | None, guidance_scale: float):
+        if labels is None:
+            return self.unet, {}
+        y = labels.to(self.device)
+        if guidance_scale == 1.0:
+            return self.unet, {"y": y}
+        guided = ClassifierFreeGuidance(self.unet, guidance_scale, null_label=self.num_classes,
+                                        eps_channels=self.channels)
+        return guided, {"y": y}
+
+    def _args(self, num_samples, class_labels, guidance_scale, generator, seed):
+        if generator is None and seed is not None:
+            # One generator per request, repeated per row: rows draw their noise in order from it, so the
+            # request's images do not depend on what else shares the batch.
+            g = torch.Generator().manual_seed(int(seed))
+            generator = [g] * num_samples
+        labels = self.labels_for(num_samples, class_labels)
+        model, kwargs = self._model_and_kwargs(labels, guidance_scale)
+        shape = (num_samples, self.channels, self.image_size, self.image_size)
+        return model, kwargs, shape, generator
+
+    @torch.no_grad()
+    def sample(self, num_samples: int, *, sampler: str = "ddim", steps: int = 50, eta: float = 0.0,
+               guidance_scale: float = 1.0, class_labels: list[int] | None = None,
+               generator: torch.Generator | list[torch.Generator] | None = None, seed: int | None = None,
+               progress: bool = False) -> torch.Tensor:
+        """Draw ``num_samples`` images with the named sampler; ``labels`` as in :meth:`labels_for`."""
+        model, kwargs, shape, generator = self._args(num_samples, class_labels, guidance_scale, generator, seed)
+        return core_sample(self.diffusion, model, shape, sampler=sampler, steps=steps, eta=eta,
+                           generator=generator, model_kwargs=kwargs, device=self.device, progress=progress)
+
+    @torch.no_grad()
+    def sample_progressive(self, num_samples: int, *, sampler: str = "ddim", steps: int = 50, eta: float = 0.0,
+                           guidance_scale: float = 1.0, class_labels: list[int] | None = None,
+                           generator: torch.Generator | list[torch.Generator] | None = None,
+                           seed: int | None = None):
+        """Like :meth:`sample` but yields the core's per-step dicts (``step``, ``total``, ``sample``, ...)."""
+        model, kwargs, shape, generator = self._args(num_samples, class_labels, guidance_scale, generator, seed)
+        yield from core_sample_progressive(self.diffusion, model, shape, sampler=sampler, steps=steps, eta=eta,
+                                           generator=generator, model_kwargs=kwargs, device=self.device)
+
+
+def load_model_dir(directory: str | Path, device: str | torch.device = "cpu") -> DiffusionSampler:
+    """Rebuild a sampler from a directory holding ``weights.safetensors`` and ``config.json``."""
+    d = Path(directory)
+    if not (d / CONFIG).is_file() and (d / "artifacts" / CONFIG).is_file():
+        d = d / "artifacts"  # a downloaded pyfunc model directory
+    if not (d / CONFIG).is_file() or not (d / WEIGHTS).is_file():
+        raise FileNotFoundError(f"{d} is not a registered diffusion model: expected {CONFIG} and {WEIGHTS}")
+    card = json.loads((d / CONFIG).read_text())
+    if card.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{d / CONFIG}: format_version {card.get('format_version')} != {FORMAT_VERSION}")
+    unet = UNet.from_config(card["unet"])
+    unet.load_state_dict(load_file(str(d / WEIGHTS)))
+    return DiffusionSampler(unet=unet, card=card, device=torch.device(device))
+
+
+class DiffusionPyfunc(mlflow.pyfunc.PythonModel):
+    """``mlflow.pyfunc`` face of the registered model: each input row is one sampling request.
+
+    Columns: ``num_samples`` (int), optional ``seed``, ``sampler``, ``steps``, ``eta``, ``guidance_scale``,
+    ``class_label`` (one label for the whole row). Output: one dict per row with ``seed`` and ``images``
+    (base64 PNG strings).
+    """
+
+    def load_context(self, context) -> None:
+        self.sampler = load_model_dir(Path(context.artifacts["config"]).parent)
+
+    def predict(self, context, model_input: pd.DataFrame,
+                params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        from pipelines.images import to_png_b64
+
+        rows = model_input.to_dict("records")
+        out = []
+        for row in rows:
+            seed = row.get("seed")
+            seed = int(torch.randint(0, 2**31 - 1, ()).item()) if seed is None or seed != seed else int(seed)
+            label = row.get("class_label")
+            labels = None if label is None or label != label else [int(label)]
+            x = self.sampler.sample(int(row.get("num_samples", 1)), sampler=str(row.get("sampler") or "ddim"),
+                                    steps=int(row.get("steps") or 50), eta=float(row.get("eta") or 0.0),
+                                    guidance_scale=float(row.get("guidance_scale") or 1.0),
+                                    class_labels=labels, seed=seed)
+            out.append({"seed": seed, "images": to_png_b64(x)})
+        return out
+
+
+def _signature():
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    inputs = Schema([
+        ColSpec("long", "num_samples"),
+        ColSpec("long", "seed", required=False),
+        ColSpec("string", "sampler", required=False),
+        ColSpec("long", "steps", required=False),
+        ColSpec("double", "eta", required=False),
+        ColSpec("double", "guidance_scale", required=False),
+        ColSpec("long", "class_label", required=False),
+    ])
+    return ModelSignature(inputs=inputs)
+
+
+@dataclass
+class RegisteredModel:
+    name: str
+    version: str
+    uri: str
+    run_id: str
+
+
+def log_and_register(state_dict: dict[str, torch.Tensor], card: dict[str, Any], *, run_id: str, model_name: str,
+                     tags: dict[str, str] | None = None, alias: str | None = None) -> RegisteredModel:
+    """Log the pyfunc model to ``run_id`` and register it as a new version of ``model_name`` (with tags/alias).
+
+    Uses the tracking URI already set with ``mlflow.set_tracking_uri``.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        d = write_model_dir(tmp, state_dict, card)
+        with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
+            info = mlflow.pyfunc.log_model(
+                name=MODEL_NAME_IN_RUN,
+                python_model=DiffusionPyfunc(),
+                artifacts={"weights": str(d / WEIGHTS), "config": str(d / CONFIG)},
+                signature=_signature(),
+                registered_model_name=model_name,
+                pip_requirements=["diffusion-pipeline", "torch", "safetensors", "pillow"],
+            )
+    client = mlflow.MlflowClient()
+    version = str(info.registered_model_version)
+    for k, v in (tags or {}).items():
+        client.set_model_version_tag(model_name, version, k, str(v))
+    if alias:
+        client.set_registered_model_alias(model_name, alias, version)
+    return RegisteredModel(name=model_name, version=version, uri=f"models:/{model_name}/{version}", run_id=run_id)
+
+
+_MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
+
+
+def resolve_model_version(uri: str) -> dict[str, Any]:
+    """Registry facts for a ``models:/`` URI (name, version, run id, tags); ``{}`` for other URIs."""
+    m = _MODELS_URI.match(uri)
+    if not m:
+        return {}
+    client = mlflow.MlflowClient()
+    if m["alias"]:
+        mv = client.get_model_version_by_alias(m["name"], m["alias"])
+    else:
+        mv = client.get_model_version(m["name"], m["version"])
+    return {"name": mv.name, "version": str(mv.version), "run_id": mv.run_id, "tags": dict(mv.tags or {}),
+            "uri": uri}
+
+
+def load_model(uri: str, *, device: str | torch.device = "cpu", tracking_uri: str | None = None) -> DiffusionSampler:
+    """Any model URI (registry alias/version, runs:/, local dir) -> ready :class:`DiffusionSampler`."""
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    if Path(uri).exists():
+        return load_model_dir(uri, device)
+    info = resolve_model_version(uri)
+    local = mlflow.artifacts.download_artifacts(artifact_uri=uri)
+    sampler = load_model_dir(local, device)
+    sampler.info = info or {"uri": uri}
+    return sampler

@@ -1,0 +1,66 @@
+"""MLflow and Ray set-up shared by every stage (one place for tracking URI, experiment, local Ray limits)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import mlflow
+
+from pipelines.config import PipelineConfig
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+def setup_mlflow(cfg: PipelineConfig) -> str:
+    """Point MLflow at the configured tracking URI and experiment; returns the experiment id.
+
+    With the local default (SQLite in the workspace) artifacts go to ``workspace/mlartifacts``.
+    """
+    uri = cfg.tracking_uri
+    if uri.startswith("sqlite:///"):
+        cfg.workspace.root.resolve().mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    exp = mlflow.get_experiment_by_name(cfg.registry.experiment_name)
+    if exp is not None:
+        return exp.experiment_id
+    location = cfg.workspace.mlartifacts.as_uri() if uri.startswith("sqlite:") else None
+    return mlflow.create_experiment(cfg.registry.experiment_name, artifact_location=location)
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1} (lists become strings), for ``mlflow.log_params``."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = str(v) if isinstance(v, list | tuple) else v
+    return out
+
+
+def find_run(experiment_id: str, tag: str, value: str) -> str | None:
+    """The newest run id in the experiment whose tag ``tag`` equals ``value`` (None if there is none)."""
+    runs = mlflow.search_runs(experiment_ids=[experiment_id], filter_string=f"tags.`{tag}` = '{value}'",
+                              order_by=["attributes.start_time DESC"], max_results=1, output_format="list")
+    return runs[0].info.run_id if runs else None
+
+
+def ensure_ray(cfg: PipelineConfig) -> None:
+    """Connect to ``ray.address`` / ``RAY_ADDRESS``, or start a small local Ray (no dashboard) if none runs."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    # Locally, advertise a few logical CPUs more than cores so the orchestration tasks, the Train controller,
+    # the DDP workers and a Serve replica can coexist on a 2-core laptop; threads are set explicitly per worker.
+    workers = cfg.train.num_workers * cfg.train.cpus_per_worker
+    num_cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, int(workers) + 2)
+    mem = cfg.ray.object_store_memory_mb
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
+             object_store_memory=mem * 1024 * 1024 if mem else None)
