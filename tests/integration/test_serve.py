@@ -1,0 +1,259 @@
+"""The sampling endpoint on a real local Ray Serve (127.0.0.1, a free port) with a tiny registered model.
+
+Serve is started once for the module; the last test shuts it down.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+pytestmark = pytest.mark.integration
+
+MAX_SAMPLES = 4
+T = 100
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def decode(b64: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))))
+
+
+@pytest.fixture(scope="module")
+def served(ray_session, tmp_path_factory):
+    """Register an untrained tiny class-conditional UNet, deploy it, yield (url, DeployResult)."""
+    import mlflow
+    import torch
+
+    from diffusion_core.models import UNet
+    from pipelines.config import load_config
+    from pipelines.model_io import diffusion_kwargs, log_and_register
+    from pipelines.serve import deploy_and_check, shutdown
+    from pipelines.tracking import setup_mlflow
+
+    ws = tmp_path_factory.mktemp("serve_ws")
+    cfg = load_config(None, [
+        f"workspace.root={ws}", "registry.model_name=serve-tiny", "diffusion.diffusion_steps=100",
+        f"serve.port={free_port()}", "serve.max_batch_size=16", "serve.batch_wait_timeout_s=0.25",
+        "serve.max_ongoing_requests=8", "serve.max_queued_requests=8", f"serve.max_samples_per_request={MAX_SAMPLES}",
+    ])
+    torch.manual_seed(0)
+    unet = UNet(in_channels=1, out_channels=1, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                attention_resolutions=(4,), num_classes=10, image_size=8, norm_groups=8)
+    exp_id = setup_mlflow(cfg)
+    run = mlflow.start_run(experiment_id=exp_id, run_name="serve-test")
+    mlflow.end_run()
+    card = {"unet": unet.config, "diffusion": diffusion_kwargs(cfg.diffusion),
+            "data": {"image_size": 8, "channels": 1, "num_classes": 10, "class_names": [str(i) for i in range(10)]},
+            "training": {"steps": 0, "run_id": run.info.run_id}}
+    log_and_register(unet.state_dict(), card, run_id=run.info.run_id, model_name="serve-tiny", alias="champion")
+    result = deploy_and_check(cfg)
+    yield result.url, result
+    shutdown()
+
+
+def post(url, body, **kw):
+    return requests.post(f"{url}/v1/generate", json=body, timeout=120, **kw)
+
+
+def post_many(url, bodies):
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        return list(pool.map(lambda b: post(url, b), bodies))
+
+
+def test_build_app_from_serve_run_args_and_env(monkeypatch):
+    from ray.serve import Application
+
+    import pipelines.serve as ps
+    from pipelines.config import ConfigError
+
+    app = ps.build_app({"model_uri": "models:/x/1", "set": "serve.max_batch_size=4;serve.max_samples_per_request=4"})
+    assert isinstance(app, Application)
+    monkeypatch.setenv(ps.ENV_OVERRIDES, "serve.max_samples_per_request=32")
+    with pytest.raises(ConfigError, match="serve.max_samples_per_request"):
+        ps.app  # noqa: B018 - the lazily built module attribute used by `serve run pipelines.serve:app`
+
+
+def test_deploy_reports_the_model(served):
+    url, result = served
+    assert url.startswith("http://127.0.0.1:")
+    assert result.model.name == "serve-tiny" and result.model.version == "1"
+    assert result.smoke_test["images"] == 1
+
+
+def test_client_writes_pngs_and_grids(served, tmp_path):
+    from pipelines import client
+    from pipelines.serve import app_running
+
+    url, _ = served
+    assert app_running() and client.healthy(url) and client.model_info(url)["num_classes"] == 10
+    images = client.generate(url, out_dir=tmp_path, num_samples=2, steps=3, seed=5)
+    assert [im.size for im in images] == [(8, 8)] * 2 and len(list(tmp_path.glob("sample_5_*.png"))) == 2
+    grid = client.generate_grid(url, tmp_path / "grid.png", num_samples=MAX_SAMPLES + 2, steps=3, seed=5)
+    assert Image.open(grid).size == (32, 22)  # 6 tiles: 3 per row, 2 rows
+    events = [name for name, _ in client.stream(url, num_samples=1, steps=4, preview_every=2, seed=1)]
+    assert events == ["start", "preview", "final"]
+    with pytest.raises(client.EndpointError, match="num_samples"):
+        client.generate(url, num_samples=MAX_SAMPLES + 1)
+
+
+def test_healthz_and_model_info(served):
+    url, _ = served
+    assert requests.get(f"{url}/healthz", timeout=30).json()["status"] == "ok"
+    info = requests.get(f"{url}/v1/model", timeout=30).json()
+    assert info["name"] == "serve-tiny" and info["version"] == "1" and info["run_id"]
+    assert (info["image_size"], info["channels"], info["num_classes"]) == (8, 1, 10)
+    assert info["num_timesteps"] == T and info["training_steps"] == 0
+    assert "/v1/generate" in requests.get(f"{url}/openapi.json", timeout=30).json()["paths"]
+
+
+def test_valid_request_returns_pngs(served):
+    url, _ = served
+    r = post(url, {"num_samples": 3, "steps": 5, "seed": 7, "class_labels": [1]})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert len(body["images"]) == 3 and all(decode(s).shape == (8, 8) for s in body["images"])
+    assert body["seed"] == 7 and body["sampler"] == "ddim" and body["steps"] == 5 and body["batch_size"] >= 3
+    assert body["model"]["uri"] == "models:/serve-tiny@champion"
+    assert set(body["timings_ms"]) == {"queue", "sample", "encode", "total"}
+    grid = post(url, {"num_samples": 3, "steps": 5, "seed": 7}, headers={"Accept": "image/png"})
+    assert grid.status_code == 200 and grid.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(grid.content)).size == (22, 22)  # 2x2 tiles of 8 px + 2 px padding
+    assert post(url, {"num_samples": 1, "steps": 2}).json()["seed"] >= 0  # random seed returned
+
+
+def test_concurrent_requests_share_batched_runs(served):
+    url, _ = served
+    rs = post_many(url, [{"num_samples": 2, "steps": 10, "seed": i} for i in range(8)])
+    assert [r.status_code for r in rs] == [200] * 8
+    sizes = [r.json()["batch_size"] for r in rs]
+    runs = sum(2 / b for b in sizes)  # a run of b images served b/2 of these requests
+    assert max(sizes) > 2 and runs < 8, sizes
+
+
+def test_same_seed_alone_or_batched_gives_the_same_images(served):
+    url, _ = served
+    req = {"num_samples": 2, "steps": 10, "seed": 1234, "class_labels": [3], "sampler": "ddpm"}
+    alone = post(url, req).json()
+    for _ in range(3):  # retry if the scheduler happened not to batch it
+        rs = post_many(url, [{**req, "seed": 1}, req, {**req, "seed": 2, "class_labels": [5, 6]},
+                             {**req, "seed": 3}])
+        batched = rs[1].json()
+        if batched["batch_size"] > 2:
+            break
+    assert batched["batch_size"] > 2
+    for a, b in zip(alone["images"], batched["images"], strict=True):
+        assert np.abs(decode(a).astype(int) - decode(b).astype(int)).max() <= 1
+
+
+BAD = [
+    ({"num_samples": MAX_SAMPLES + 1}, "num_samples"),
+    ({"num_samples": 0}, "num_samples"),
+    ({"num_samples": "many"}, "num_samples"),
+    ({"num_samples": 1.5}, "num_samples"),
+    ({"sampler": "euler"}, "sampler"),
+    ({"steps": T + 1}, "steps"),
+    ({"steps": 0}, "steps"),
+    ({"eta": -0.1}, "eta"),
+    ({"sampler": "dpm_solver", "eta": 0.5}, "eta"),
+    ({"guidance_scale": -1}, "guidance_scale"),
+    ({"class_labels": [10]}, "class_labels"),
+    ({"class_labels": [-1]}, "class_labels"),
+    ({"class_labels": "3"}, "class_labels"),
+    ({"num_samples": 2, "class_labels": [1, 2, 3]}, "class_labels"),
+    ({"seed": "x"}, "seed"),
+    ({"seed": -1}, "seed"),
+    ({"bogus": 1}, "bogus"),
+]
+
+
+@pytest.mark.parametrize("body,field", BAD, ids=[f"{f}:{json.dumps(b)}" for b, f in BAD])
+def test_bad_input_is_422_naming_the_field(served, body, field):
+    url, _ = served
+    r = post(url, {"num_samples": 1, "steps": 2, **body})
+    assert r.status_code == 422, r.text
+    assert any(field in [str(p) for p in e["loc"]] for e in r.json()["detail"]), r.text
+
+
+def test_malformed_and_oversized_bodies_then_replica_still_answers(served):
+    url, _ = served
+    r = requests.post(f"{url}/v1/generate", data="{not json", headers={"Content-Type": "application/json"},
+                      timeout=30)
+    assert r.status_code == 422
+    r = post(url, {"num_samples": 1, "padding": "x" * 100_000})
+    assert r.status_code == 422 and "body" in r.text
+    r = requests.post(f"{url}/v1/generate/stream", json={"num_samples": 1, "steps": T + 5}, timeout=30)
+    assert r.status_code == 422 and "steps" in r.text
+    ok = post(url, {"num_samples": 1, "steps": 2, "seed": 3})
+    assert ok.status_code == 200 and len(ok.json()["images"]) == 1
+
+
+def sse_events(response):
+    events, name, data = [], "message", []
+    for line in response.iter_lines(decode_unicode=True):
+        if line == "":
+            if data:
+                events.append((name, json.loads("\n".join(data))))
+            name, data = "message", []
+        elif line.startswith("event:"):
+            name = line[6:].strip()
+        elif line.startswith("data:"):
+            data.append(line[5:].strip())
+    return events
+
+
+def test_stream_yields_previews_then_final(served):
+    url, _ = served
+    req = {"num_samples": 2, "steps": 8, "seed": 11, "preview_every": 2}
+    with requests.post(f"{url}/v1/generate/stream", json=req, stream=True, timeout=120) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(r)
+    names = [n for n, _ in events]
+    assert names[0] == "start" and names[-1] == "final" and names.count("preview") == 3, names
+    assert [d["step"] for n, d in events if n == "preview"] == [2, 4, 6]
+    final = events[-1][1]
+    assert final["seed"] == 11 and len(final["images"]) == 2
+    plain = post(url, {k: v for k, v in req.items() if k != "preview_every"}).json()
+    for a, b in zip(plain["images"], final["images"], strict=True):
+        assert np.abs(decode(a).astype(int) - decode(b).astype(int)).max() <= 1
+
+
+def test_overload_gets_503_quickly_and_recovers(served):
+    url, _ = served
+
+    def timed(body):
+        t = time.perf_counter()
+        r = post(url, body)
+        return r.status_code, time.perf_counter() - t
+
+    with ThreadPoolExecutor(40) as pool:
+        out = list(pool.map(timed, [{"num_samples": MAX_SAMPLES, "steps": 20, "seed": i} for i in range(40)]))
+    codes = [c for c, _ in out]
+    assert set(codes) <= {200, 503} and codes.count(503) >= 1 and codes.count(200) >= 8, codes
+    slowest_200 = max(t for c, t in out if c == 200)
+    assert all(t < slowest_200 for c, t in out if c == 503), out
+    assert post(url, {"num_samples": 1, "steps": 2}).status_code == 200
+
+
+def test_clean_shutdown(served):
+    from pipelines.serve import app_running, shutdown
+
+    url, _ = served
+    shutdown()
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"{url}/healthz", timeout=5)
+    assert not app_running()
