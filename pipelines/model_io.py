@@ -50,15 +50,16 @@ def build_unet(model: ModelConfig, *, image_size: int, channels: int, num_classe
     if model.preset == "quickstart":
         arch = UNet.quickstart(image_size=image_size, in_channels=channels, num_classes=classes).config
     elif model.preset == "ddpm_cifar10":
-        arch = UNet.ddpm_cifar10().config
+        arch = UNet.ddpm_cifar10().config  # also its diffusers-compatible norm eps, padding and embedding flags
     else:
-        arch = model.model_dump()
-    return UNet(
-        **{k: arch[k] for k in ARCH_FIELDS},
-        image_size=image_size, in_channels=channels, out_channels=channels, num_classes=classes,
-        learn_sigma=learn_sigma, dropout=model.dropout, class_dropout_prob=model.class_dropout_prob if classes else 0.0,
-        use_checkpoint=model.use_checkpoint, channels_last=model.channels_last,
-    )
+        arch = {k: getattr(model, k) for k in ARCH_FIELDS}
+    return UNet(**{
+        **arch,
+        "image_size": image_size, "in_channels": channels, "out_channels": channels, "num_classes": classes,
+        "learn_sigma": learn_sigma, "dropout": model.dropout,
+        "class_dropout_prob": model.class_dropout_prob if classes else 0.0,
+        "use_checkpoint": model.use_checkpoint, "channels_last": model.channels_last,
+    })
 
 
 def diffusion_kwargs(d: DiffusionConfig) -> dict[str, Any]:
