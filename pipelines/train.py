@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from diffusion_core import LossSecondMomentResampler, UniformSampler, create_diffusion
 from pipelines.config import ConfigError, PipelineConfig, dump_yaml
-from pipelines.data import DataResult, make_loader, split_shards
+from pipelines.data import DataResult, check_shard_count, make_loader, split_shards
 from pipelines.model_io import build_unet, diffusion_kwargs, log_and_register, write_model_dir
 
 RUN_TAG = "ray_run_name"
@@ -324,11 +324,10 @@ def model_card(cfg: PipelineConfig, data: DataResult, unet_config: dict[str, Any
 
 def check_before_start(cfg: PipelineConfig, data: DataResult) -> None:
     """Problems that can be seen before Ray starts: raise ConfigError naming the field."""
-    need = cfg.train.num_workers * max(1, cfg.data.loader_workers)
-    if len(data.train_urls) < need:
-        raise ConfigError(
-            f"train.num_workers ({cfg.train.num_workers}) x data.loader_workers ({cfg.data.loader_workers}) = "
-            f"{need} readers but only {len(data.train_urls)} train shards: lower them or data.samples_per_shard")
+    try:
+        check_shard_count(len(data.train_urls), cfg.train.num_workers, cfg.data.loader_workers)
+    except ValueError as e:
+        raise ConfigError(f"train.num_workers / data.loader_workers: {e}") from None
     if cfg.model.class_conditional and data.num_classes == 0:
         raise ConfigError("model.class_conditional is true but the dataset has no labels")
 
