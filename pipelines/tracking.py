@@ -62,5 +62,9 @@ def ensure_ray(cfg: PipelineConfig) -> None:
     workers = cfg.train.num_workers * cfg.train.cpus_per_worker
     num_cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, int(workers) + 2)
     mem = cfg.ray.object_store_memory_mb
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
+    # Train V2 prints worker output once through its own logger; its print patch would show every line twice.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    # The dashboard (on 127.0.0.1 only) serves the state API that Train V2's placement-group cleaner polls;
+    # without it that actor logs a warning every second.
+    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True,
              object_store_memory=mem * 1024 * 1024 if mem else None)
