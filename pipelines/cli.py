@@ -176,14 +176,14 @@ def run(config: ConfigOpt = None, set_: SetOpt = None, address: AddressOpt = Non
     except (StageError, ValueError) as e:
         typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
         raise typer.Exit(1) from None
-    _summary(cfg, res)
+    _summary(cfg, res, config)
     if cfg.serve.keep_alive and "deploy" in res.results and not cfg.ray.address:
         from pipelines.serve import serve_forever
 
         serve_forever(cfg)
 
 
-def _summary(cfg: PipelineConfig, res) -> None:
+def _summary(cfg: PipelineConfig, res, config: Path | None) -> None:
     r = res.results
     lines = [f"pipeline finished: ran {', '.join(res.ran) or 'nothing'}; skipped {', '.join(res.skipped) or 'none'}"]
     if "train" in r:
@@ -199,9 +199,10 @@ def _summary(cfg: PipelineConfig, res) -> None:
     if "deploy" in r:
         d = r["deploy"]
         lines.append(f"  endpoint checked: {d.get('url')} ({d.get('status', 'ok')})")
-        lines.append(f"  serve the champion: diffusion-pipeline serve --config <config> "
-                     f"(then: curl -s -X POST {d.get('url', 'http://127.0.0.1:8000')}/v1/generate "
-                     "-H 'Content-Type: application/json' -d '{\"num_samples\": 4, \"class_labels\": [3]}')")
+        cfg_arg = f" --config {config}" if config else ""
+        lines.append(f"  serve the champion until Ctrl-C: diffusion-pipeline serve{cfg_arg}")
+        lines.append(f"  then: curl -s -X POST {d.get('url', 'http://127.0.0.1:8000')}/v1/generate "
+                     "-H 'Content-Type: application/json' -d '{\"num_samples\": 4, \"class_labels\": [3]}'")
     lines.append(f"  MLflow UI: mlflow ui --backend-store-uri {cfg.tracking_uri}")
     _done("\n".join(lines))
 

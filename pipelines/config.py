@@ -15,7 +15,6 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-
 # Read once at import: mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI into this process's environment,
 # which must not leak the first workspace's database into configs validated later.
 _ENV_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")

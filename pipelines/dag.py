@@ -250,17 +250,21 @@ def run_pipeline(cfg: PipelineConfig, *, start: str | None = None, until: str | 
         upstream_fps[s] = fp
 
     client = mlflow.MlflowClient()
+    previous_done = 0.0
     try:
-        for s, fp, ref, t0 in pending:
+        for s, fp, ref, submitted in pending:
             try:
                 results[s] = ray.get(ref)
             except ray.exceptions.RayTaskError as e:
                 cause = e.cause if isinstance(getattr(e, "cause", None), StageError) else e
                 raise StageError(str(cause).split("\nTraceback")[0]) from None
-            write_record(cfg, StageRecord(stage=s, fingerprint=fp, result=results[s], finished_at=time.time(),
-                                          duration_s=time.time() - t0))
+            # a stage starts when its upstream finished (Ray runs it as soon as its inputs resolve)
+            started = max(submitted, previous_done)
+            previous_done = time.time()
+            write_record(cfg, StageRecord(stage=s, fingerprint=fp, result=results[s], finished_at=previous_done,
+                                          duration_s=previous_done - started))
             ran.append(s)
-            log(f"[pipeline] {s}: done in {time.time() - t0:.1f} s")
+            log(f"[pipeline] {s}: done in {previous_done - started:.1f} s")
     except BaseException:
         client.set_terminated(parent_id, status="FAILED")
         raise

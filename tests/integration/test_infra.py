@@ -93,7 +93,6 @@ def _free_port() -> int:
 def _dashboard_available() -> bool:
     try:
         import aiohttp  # noqa: F401
-
         import ray.dashboard  # noqa: F401
     except ImportError:
         return False
