@@ -126,11 +126,15 @@ def test_ray_job_submit_runs_the_pipeline(tmp_path):
             if ok:
                 break
             time.sleep(2)
-        job = subprocess.run(
-            [str(bin_dir / "ray"), "job", "submit", "--address", address, "--working-dir", str(tmp_path), "--",
-             "diffusion-pipeline", "run", "--config", "tiny.yaml", "--until", "prepare_data"],
-            env=env, capture_output=True, text=True, timeout=240)
-        out = job.stdout + job.stderr
+        for _ in range(30):  # the node's job agent comes up a little after the job server answers
+            job = subprocess.run(
+                [str(bin_dir / "ray"), "job", "submit", "--address", address, "--working-dir", str(tmp_path),
+                 "--", "diffusion-pipeline", "run", "--config", "tiny.yaml", "--until", "prepare_data"],
+                env=env, capture_output=True, text=True, timeout=240)
+            out = job.stdout + job.stderr
+            if "No available agent" not in out:
+                break
+            time.sleep(2)
         assert job.returncode == 0, out[-3000:]
         assert "succeeded" in out and "prepare_data: done" in out
         assert list((tmp_path / "ws" / "data").glob("*/manifest.json"))
