@@ -105,7 +105,9 @@ def test_ray_job_submit_runs_the_pipeline(tmp_path):
     """`ray start --head` on 127.0.0.1 (its own temp dir and ports), then `ray job submit` of a tiny DAG run."""
     bin_dir = Path(sys.executable).parent
     temp_dir = Path(tempfile.mkdtemp(prefix="rj", dir="/tmp"))  # short: Ray's socket paths are length-limited
-    gcs, dash = _free_port(), _free_port()
+    # every port explicit and free: the suite's own Ray already holds the defaults (agent 52365 and friends),
+    # and a second node whose agent cannot bind never accepts a job ("No available agent")
+    gcs, dash, agent, agent_grpc, runtime_env, metrics = (_free_port() for _ in range(6))
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
            "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true"}
     env.pop("RAY_ADDRESS", None)
@@ -114,7 +116,9 @@ def test_ray_job_submit_runs_the_pipeline(tmp_path):
                                    "workspace": {"root": str(tmp_path / "ws")}}))
     head = subprocess.Popen(
         [str(bin_dir / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-         f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
+         f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={agent}",
+         f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={runtime_env}",
+         f"--metrics-export-port={metrics}", "--num-cpus=2",
          f"--temp-dir={temp_dir}", "--object-store-memory=100000000", "--disable-usage-stats"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -126,7 +130,7 @@ def test_ray_job_submit_runs_the_pipeline(tmp_path):
             if ok:
                 break
             time.sleep(2)
-        for _ in range(30):  # the node's job agent comes up a little after the job server answers
+        for _ in range(15):  # the node's job agent comes up a little after the job server answers
             job = subprocess.run(
                 [str(bin_dir / "ray"), "job", "submit", "--address", address, "--working-dir", str(tmp_path),
                  "--", "diffusion-pipeline", "run", "--config", "tiny.yaml", "--until", "prepare_data"],
