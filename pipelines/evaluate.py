@@ -335,9 +335,18 @@ class _Runner:
         self.inline = bool(ev.use_gpu and in_worker and ray.get_gpu_ids())
         self.threads = max(1, int(ev.cpus_per_task))
 
-    def run(self, jobs: list[tuple[Callable, tuple]]) -> list[Any]:
+    def run(self, jobs: list[tuple[Callable, tuple]], desc: str) -> list[Any]:
+        """Results of ``fn(*args)`` for each job, in order; a progress bar counts finished jobs."""
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(jobs), desc=desc, unit="task", leave=False)
         if self.inline:
-            return [fn(*args) for fn, args in jobs]
+            results_inline = []
+            for fn, args in jobs:
+                results_inline.append(fn(*args))
+                bar.update()
+            bar.close()
+            return results_inline
         results: dict[int, Any] = {}
         pending: dict[Any, int] = {}
         queue = list(enumerate(jobs))
@@ -348,6 +357,8 @@ class _Runner:
             done, _ = self.ray.wait(list(pending), num_returns=1)
             for ref in done:
                 results[pending.pop(ref)] = self.ray.get(ref)
+                bar.update()
+        bar.close()
         return [results[i] for i in range(len(jobs))]
 
 
@@ -512,7 +523,8 @@ def _evaluate(cfg, model, model_uri, data, run_id, client, raw_weights, fid_fact
     labelled = data.num_classes >= 2
     ref = None
     if labelled:
-        ref = runner.run([(reference_task, (data_json, cache_dir, ev_json, runner.threads))])[0]
+        ref = runner.run([(reference_task, (data_json, cache_dir, ev_json, runner.threads))],
+                         "evaluate: reference classifier")[0]
         skipped.update(ref["notes"])
     else:
         skipped["embedded"] = "the dataset has no labels: no reference classifier, so no embedded Frechet " \
@@ -541,7 +553,7 @@ def _evaluate(cfg, model, model_uri, data, run_id, client, raw_weights, fid_fact
         for s in specs:
             jobs.append((sampler_task, (raw_payload, None, s.model_dump(), ev_json,
                                         min(GRID_IMAGES, ev.num_samples), runner.threads)))
-    outs = runner.run(jobs)
+    outs = runner.run(jobs, "evaluate: samplers and bits/dim")
     rows_out = outs[: len(specs)]
     bpd_out = outs[len(specs)] if ev.bpd_subset > 0 else None
     raw_out = outs[len(specs) + (1 if ev.bpd_subset > 0 else 0):]
@@ -550,7 +562,8 @@ def _evaluate(cfg, model, model_uri, data, run_id, client, raw_weights, fid_fact
     fid_out = None
     if fid_factory is not None:
         images = rows_out[0].pop("images_uint8")
-        fid_out = runner.run([(fid_task, (images, data_json, cache_dir, fid_factory, ev_json, runner.threads))])[0]
+        fid_out = runner.run([(fid_task, (images, data_json, cache_dir, fid_factory, ev_json, runner.threads))],
+                             "evaluate: FID")[0]
 
     # metrics of the gate sampler + reference numbers
     g = rows_out[0]

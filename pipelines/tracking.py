@@ -48,7 +48,7 @@ def find_run(experiment_id: str, tag: str, value: str) -> str | None:
 
 
 def ensure_ray(cfg: PipelineConfig) -> None:
-    """Connect to ``ray.address`` / ``RAY_ADDRESS``, or start a small local Ray (no dashboard) if none runs."""
+    """Connect to ``ray.address`` / ``RAY_ADDRESS``, or start a small local Ray (dashboard on 127.0.0.1 only) if none runs."""
     import ray
 
     if ray.is_initialized():
