@@ -36,24 +36,10 @@ import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from diffusion_core.models import UNet, load_diffusers_unet2d  # noqa: E402
+from diffusion_core.models import DDPM_CIFAR10_DIFFUSERS_CONFIG, UNet, load_diffusers_unet2d  # noqa: E402
 from diffusion_core.models.unet import AttentionBlock  # noqa: E402
 
-DDPM_CIFAR10 = {
-    "sample_size": 32,
-    "in_channels": 3,
-    "out_channels": 3,
-    "block_out_channels": (128, 256, 256, 256),
-    "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-    "up_block_types": ("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-    "layers_per_block": 2,
-    "attention_head_dim": None,
-    "norm_eps": 1e-6,
-    "downsample_padding": 0,
-    "flip_sin_to_cos": False,
-    "freq_shift": 1,
-    "dropout": 0.1,
-}
+DDPM_CIFAR10 = {**DDPM_CIFAR10_DIFFUSERS_CONFIG, "dropout": 0.1}  # Ho et al. train with dropout 0.1
 VARIANTS = ("ours", "ours_cl", "diffusers", "diffusers_cl")
 H100_BF16_DENSE_TFLOPS = 989.0
 

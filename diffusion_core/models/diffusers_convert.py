@@ -22,7 +22,30 @@ import torch
 
 from .unet import AttentionBlock, Downsample, ResBlock, UNet, Upsample
 
-__all__ = ["load_diffusers_unet2d", "unet_config_from_diffusers", "convert_diffusers_state_dict"]
+__all__ = ["DDPM_CIFAR10_DIFFUSERS_CONFIG", "load_diffusers_unet2d", "unet_config_from_diffusers",
+           "convert_diffusers_state_dict"]
+
+# The published ``google/ddpm-cifar10-32`` UNet2DModel config (Ho et al. 2020's CIFAR-10 network, inference
+# config: no dropout), for weight files that come without their ``config.json``.
+DDPM_CIFAR10_DIFFUSERS_CONFIG: dict[str, Any] = {
+    "sample_size": 32,
+    "in_channels": 3,
+    "out_channels": 3,
+    "block_out_channels": (128, 256, 256, 256),
+    "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    "layers_per_block": 2,
+    "attention_head_dim": None,
+    "norm_eps": 1e-6,
+    "norm_num_groups": 32,
+    "downsample_padding": 0,
+    "flip_sin_to_cos": False,
+    "freq_shift": 1,
+    "act_fn": "silu",
+    "center_input_sample": False,
+    "mid_block_scale_factor": 1,
+    "time_embedding_type": "positional",
+}
 
 _DOWN = {"DownBlock2D": False, "AttnDownBlock2D": True}
 _UP = {"UpBlock2D": False, "AttnUpBlock2D": True}

@@ -18,7 +18,6 @@ Two concurrent preparers of the same fingerprint both finish; the loser of the r
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
@@ -39,6 +38,7 @@ from pipelines.data.loader import decode_sample, iter_shard
 from pipelines.data.manifest import FORMAT_VERSION, MANIFEST_NAME, read_manifest, write_manifest
 from pipelines.data.sources import Cifar10Source, DigitsSource, ImageFolderSource, Record, fit_image
 from pipelines.data.urls import expand_shard_spec, is_remote
+from pipelines.images import png_bytes
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "test")
@@ -173,12 +173,6 @@ def remove_stale_temp_dirs(root: Path) -> None:
             pass
 
 
-def encode_png(img) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def write_split(directory: Path, split: str, records: list[Record], d: DataConfig, progress: bool):
     """Write ``records`` as ``<split>/shard-%06d.tar``; return (split manifest entry, channel stats)."""
     out = directory / split
@@ -202,7 +196,7 @@ def write_split(directory: Path, split: str, records: list[Record], d: DataConfi
             s1 += arr.sum((0, 1))
             s2 += (arr**2).sum((0, 1))
             n_pix += d.image_size**2
-            sample = {"__key__": f"{split}-{i:06d}", "png": encode_png(img),
+            sample = {"__key__": f"{split}-{i:06d}", "png": png_bytes(img),
                       "json": json.dumps(rec.source_id).encode()}
             if rec.label >= 0:
                 sample["cls"] = str(rec.label).encode()

@@ -3,31 +3,12 @@
 import pytest
 import torch
 
-from diffusion_core.models import UNet, load_diffusers_unet2d
+from diffusion_core.models import DDPM_CIFAR10_DIFFUSERS_CONFIG, UNet, load_diffusers_unet2d
 from diffusion_core.models.diffusers_convert import unet_config_from_diffusers
 
 diffusers = pytest.importorskip("diffusers")
 
-# The published google/ddpm-cifar10-32 config (Ho et al. 2020's CIFAR-10 network).
-DDPM_CIFAR10 = {
-    "sample_size": 32,
-    "in_channels": 3,
-    "out_channels": 3,
-    "block_out_channels": (128, 256, 256, 256),
-    "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-    "up_block_types": ("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-    "layers_per_block": 2,
-    "attention_head_dim": None,
-    "norm_eps": 1e-6,
-    "norm_num_groups": 32,
-    "downsample_padding": 0,
-    "flip_sin_to_cos": False,
-    "freq_shift": 1,
-    "act_fn": "silu",
-    "center_input_sample": False,
-    "mid_block_scale_factor": 1,
-    "time_embedding_type": "positional",
-}
+DDPM_CIFAR10 = DDPM_CIFAR10_DIFFUSERS_CONFIG  # the published google/ddpm-cifar10-32 config
 
 # A small config exercising the other code paths: diffusers defaults for the sinusoid and padding,
 # multi-head attention at two resolutions, fewer groups, class embeddings.

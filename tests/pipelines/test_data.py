@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import pickle
@@ -140,6 +141,11 @@ def test_split_shards_is_a_partition():
             assert sorted(sum(parts, [])) == sorted(urls)
 
 
+def _assert_pairwise_disjoint(sets: list[set]) -> None:
+    for a, b in itertools.combinations(sets, 2):
+        assert not a & b
+
+
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_ranks_finite_disjoint_and_complete(id_shards, world_size):
     per_rank = []
@@ -149,9 +155,7 @@ def test_ranks_finite_disjoint_and_complete(id_shards, world_size):
         ids = [i for _, y in loader for i in y.tolist()]
         assert len(ids) == len(set(ids))  # each sample once
         per_rank.append(set(ids))
-    for a in range(world_size):
-        for b in range(a + 1, world_size):
-            assert not per_rank[a] & per_rank[b]
+    _assert_pairwise_disjoint(per_rank)
     assert set().union(*per_rank) == set(range(60))
 
 
@@ -166,9 +170,7 @@ def test_ranks_resampled_disjoint_shards(id_shards, world_size):
         own = {id_shards.index(u) for u in loader.shards}
         assert shards <= own and len(shards) >= len(own) - 1
         shards_seen.append(shards)
-    for a in range(world_size):
-        for b in range(a + 1, world_size):
-            assert not shards_seen[a] & shards_seen[b]
+    _assert_pairwise_disjoint(shards_seen)
 
 
 def test_too_few_shards_is_an_error_at_construction(id_shards):
@@ -381,7 +383,7 @@ def test_same_input_gives_identical_bytes(digits, tmp_path):
 def test_crash_mid_write_leaves_no_dataset(tmp_path, monkeypatch):
     import pipelines.data.prepare as prep
 
-    real, calls = prep.encode_png, {"n": 0}
+    real, calls = prep.png_bytes, {"n": 0}
 
     def crashing(img):
         calls["n"] += 1
@@ -389,7 +391,7 @@ def test_crash_mid_write_leaves_no_dataset(tmp_path, monkeypatch):
             raise RuntimeError("simulated crash")
         return real(img)
 
-    monkeypatch.setattr(prep, "encode_png", crashing)
+    monkeypatch.setattr(prep, "png_bytes", crashing)
     with pytest.raises(RuntimeError, match="simulated crash"):
         prepare_data(_cfg(tmp_path), progress=False)
     assert list((tmp_path / "data").iterdir()) == []  # neither a final dir nor the temp dir
@@ -398,7 +400,7 @@ def test_crash_mid_write_leaves_no_dataset(tmp_path, monkeypatch):
     dead.wait()
     stale = tmp_path / "data" / f".tmp-0123456789abcdef-{socket.gethostname()}-{dead.pid}-deadbeef"
     (stale / "train").mkdir(parents=True)
-    monkeypatch.setattr(prep, "encode_png", real)
+    monkeypatch.setattr(prep, "png_bytes", real)
     res = prepare_data(_cfg(tmp_path), progress=False)
     assert not stale.exists() and [p.name for p in (tmp_path / "data").iterdir()] == [res.fingerprint]
 
