@@ -130,11 +130,16 @@ def sample(config: ConfigOpt = None, set_: SetOpt = None,
            guidance_scale: Annotated[float, typer.Option(min=0.0)] = 1.0,
            seed: Annotated[int, typer.Option()] = 0) -> None:
     """Write a PNG grid of samples from a model URI (or from a running endpoint with --url)."""
+    from pydantic import ValidationError
+
+    from pipelines.config import SamplerSpec, format_validation_error
     from pipelines.images import make_grid
 
-    if sampler not in ("ddpm", "ddim", "dpm_solver"):
-        typer.secho(f"--sampler must be one of ddpm, ddim, dpm_solver (got '{sampler}')", fg="red", err=True)
-        raise typer.Exit(2)
+    try:
+        SamplerSpec(sampler=sampler, steps=steps)
+    except ValidationError as e:
+        typer.secho(f"error: {format_validation_error(e)}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
     if url:
         from pipelines.client import generate_grid
 

@@ -74,17 +74,18 @@ def generate_grid(url: str, out: str | Path, *, num_samples: int = 16, seed: int
     import numpy as np
     import torch
 
-    from pipelines.images import make_grid
+    from pipelines.images import from_png_b64, make_grid
 
     limit = int(model_info(url)["max_samples_per_request"])
-    arrays, chunk = [], 0
-    while sum(len(a) for a in arrays) < num_samples:
-        n = min(limit, num_samples - sum(len(a) for a in arrays))
+    images: list[np.ndarray] = []
+    chunk = 0
+    while len(images) < num_samples:
+        n = min(limit, num_samples - len(images))
         s = None if seed is None else seed + chunk
         answer = generate_raw(url, timeout=timeout, num_samples=n, seed=s, **params)
-        arrays.append([np.asarray(im) for im in decode(answer["images"])])
+        images += [from_png_b64(b) for b in answer["images"]]
         chunk += 1
-    batch = np.stack([a if a.ndim == 3 else a[..., None] for part in arrays for a in part])  # [B, H, W, C]
+    batch = np.stack([a if a.ndim == 3 else a[..., None] for a in images])  # [B, H, W, C]
     x = torch.from_numpy(batch).permute(0, 3, 1, 2).float() / 127.5 - 1  # the loader's pixel normalisation
     p = Path(out)
     p.parent.mkdir(parents=True, exist_ok=True)

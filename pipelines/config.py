@@ -156,8 +156,12 @@ class TrainConfig(_Section):
         return v
 
 
+# diffusion_core.samplers.SAMPLERS as a type (tests check the two agree)
+SamplerName = Literal["ddpm", "ddim", "dpm_solver"]
+
+
 class SamplerSpec(_Section):
-    sampler: Literal["ddpm", "ddim", "dpm_solver"]
+    sampler: SamplerName
     steps: int = Field(gt=0)
 
 
@@ -247,6 +251,10 @@ class PipelineConfig(_Section):
     def _cross_checks(self) -> PipelineConfig:
         if self.data.source in ("image_folder", "cifar10", "shards") and not self.data.path:
             raise ValueError(f"data.path is required when data.source is '{self.data.source}'")
+        s = self.serve
+        if s.max_samples_per_request > s.max_batch_size:
+            raise ValueError(f"serve.max_samples_per_request ({s.max_samples_per_request}) must be <= "
+                             f"serve.max_batch_size ({s.max_batch_size}): one request must fit one batched run")
         return self
 
     @property

@@ -119,7 +119,7 @@ def _run_stage(cfg_dict: dict, stage: str, parent_run_id: str, names: list[str],
     client.set_tag(run.info.run_id, "inputs", json.dumps(upstream, default=str)[:5000])
     t0 = time.time()
     try:
-        out = STAGE_FUNCS[stage](cfg, upstream or {}, parent_run_id)
+        out = STAGE_FUNCS[stage](cfg, upstream, parent_run_id)
     except Exception as e:
         client.set_tag(run.info.run_id, "error", f"{type(e).__name__}: {e}"[:5000])
         client.set_terminated(run.info.run_id, status="FAILED")
@@ -178,12 +178,11 @@ STAGE_FUNCS = {"prepare_data": _prepare, "train": _train, "evaluate": _evaluate,
                "deploy": _deploy}
 
 
-def _stage_options(cfg: PipelineConfig, stage: str) -> dict[str, Any]:
-    """Resources each stage task declares. Stage tasks orchestrate and reserve nothing themselves: training runs
-    in Train workers (train.num_workers x cpus_per_worker / GPUs), evaluation in its own Ray tasks
-    (evaluate.cpus_per_task, a GPU each when evaluate.use_gpu), serving in Serve replicas; a stage task that held
-    a GPU while waiting on those would only block them."""
-    return {"num_cpus": 0, "num_gpus": 0}
+# Resources each stage task declares. Stage tasks orchestrate and reserve nothing themselves: training runs in
+# Train workers (train.num_workers x cpus_per_worker / GPUs), evaluation in its own Ray tasks
+# (evaluate.cpus_per_task, a GPU each when evaluate.use_gpu), serving in Serve replicas; a stage task that held a
+# GPU while waiting on those would only block them.
+STAGE_OPTIONS = {"num_cpus": 0, "num_gpus": 0}
 
 
 # ------------------------------------------------------------------------------------------------ the driver
@@ -217,22 +216,20 @@ def run_pipeline(cfg: PipelineConfig, *, start: str | None = None, until: str | 
     ensure_ray(cfg)
     remote = ray.remote(_run_stage)
 
-    # Upstream results for stages before --from come from their records.
+    # Upstream results and fingerprints for stages before --from come from their records.
     results: dict[str, dict[str, Any]] = {}
+    upstream_fps: dict[str, str] = {}
     for s in STAGES[: STAGES.index(stages[0])]:
         rec = read_record(cfg, s)
         if rec is None:
             raise StageError(f"--from {stages[0]}: stage '{s}' has never completed; run it first")
-        results[s] = rec.result
+        results[s], upstream_fps[s] = rec.result, rec.fingerprint
 
     ran, skipped, pending = [], [], []  # pending: (stage, fingerprint, ref, t0)
-    upstream_fps: dict[str, str] = {}
     refs: dict[str, Any] = {}
     dirty = False  # a stage upstream re-runs -> everything after re-runs
     for s in stages:
-        up_fp = {k: upstream_fps.get(k) or (read_record(cfg, k).fingerprint if read_record(cfg, k) else None)
-                 for k in STAGES[: STAGES.index(s)]}
-        fp = stage_fingerprint(cfg, s, up_fp)
+        fp = stage_fingerprint(cfg, s, {k: upstream_fps[k] for k in STAGES[: STAGES.index(s)]})
         rec = read_record(cfg, s)
         if (not dirty and STAGES.index(s) < forced_from and rec is not None and rec.fingerprint == fp
                 and outputs_exist(cfg, s, rec.result)):
@@ -244,7 +241,7 @@ def run_pipeline(cfg: PipelineConfig, *, start: str | None = None, until: str | 
         dirty = True
         upstream = {k: refs.get(k, results.get(k)) for k in STAGES[: STAGES.index(s)]}
         log(f"[pipeline] {s}: submitted")
-        refs[s] = remote.options(name=f"stage:{s}", **_stage_options(cfg, s)).remote(
+        refs[s] = remote.options(name=f"stage:{s}", **STAGE_OPTIONS).remote(
             cfg.to_dict(), s, parent_id, list(upstream), *upstream.values())
         pending.append((s, fp, refs[s], time.time()))
         upstream_fps[s] = fp

@@ -23,7 +23,6 @@ is tagged ``rejected`` with the reason. Decision and both numbers go to the vers
 from __future__ import annotations
 
 import functools
-import hashlib
 import io
 import json
 import logging
@@ -109,14 +108,6 @@ def metric_direction(name: str) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------ FID network
-def _file_digest(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
-
-
 class TorchFidelityInception(nn.Module):
     """InceptionV3 pool3 (2048-d) features of uint8 [B, 3, H, W] images via torch-fidelity's FID network
     (resized to 299 inside), loaded from a local weights file: nothing is downloaded."""
@@ -125,9 +116,11 @@ class TorchFidelityInception(nn.Module):
         super().__init__()
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
+        from pipelines.data.sources import sha256_file
+
         self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
                                                feature_extractor_weights_path=str(weights_path))
-        self.name = f"torch-fidelity-inception-v3-compat-{_file_digest(weights_path)}"
+        self.name = f"torch-fidelity-inception-v3-compat-{sha256_file(Path(weights_path))[:16]}"
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -157,12 +150,9 @@ def _device(ev: EvaluateConfig) -> torch.device:
 
 
 def _build_sampler(payload: dict[str, Any], device: torch.device):
-    from diffusion_core.models import UNet
-    from pipelines.model_io import DiffusionSampler
+    from pipelines.model_io import sampler_from_state
 
-    unet = UNet.from_config(payload["card"]["unet"])
-    unet.load_state_dict(payload["state"])
-    return DiffusionSampler(unet=unet, card=payload["card"], device=device)
+    return sampler_from_state(payload["card"], payload["state"], device)
 
 
 def _held_out(data) -> tuple[torch.Tensor, torch.Tensor, bool]:
@@ -508,7 +498,8 @@ def _evaluate(cfg, model, model_uri, data, run_id, client, raw_weights, fid_fact
               version) -> EvalResult:
     import mlflow
     import ray
-    from mlflow.entities import Metric
+
+    from pipelines.tracking import mlflow_metrics
 
     ev = cfg.evaluate
     t_start = time.time()
@@ -623,7 +614,7 @@ def _evaluate(cfg, model, model_uri, data, run_id, client, raw_weights, fid_fact
         (out_dir / "sampler_table.md").write_text(_markdown_table(rows))
 
     now = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[Metric(METRIC_PREFIX + k, v, now, 0) for k, v in metrics.items()])
+    client.log_batch(run_id, metrics=mlflow_metrics({METRIC_PREFIX + k: v for k, v in metrics.items()}, 0, now))
     client.log_artifacts(run_id, str(out_dir), artifact_path="evaluate")
     if rows:
         cols = ["sampler", "steps", "num_samples", "frechet_distance", "class_accuracy", "inception_score",

@@ -77,11 +77,16 @@ def diffusion_kwargs(d: DiffusionConfig) -> dict[str, Any]:
     )
 
 
+def save_weights(state_dict: dict[str, torch.Tensor], path: str | Path) -> None:
+    """A state dict as safetensors (CPU, contiguous copies; safetensors refuses views and GPU tensors)."""
+    save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, str(path))
+
+
 def write_model_dir(directory: str | Path, state_dict: dict[str, torch.Tensor], card: dict[str, Any]) -> Path:
     """Write ``weights.safetensors`` + ``config.json`` into ``directory`` (created)."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, str(d / WEIGHTS))
+    save_weights(state_dict, d / WEIGHTS)
     (d / CONFIG).write_text(json.dumps({"format_version": FORMAT_VERSION, **card}, indent=2, sort_keys=True))
     return d
 
@@ -184,8 +189,14 @@ def load_model_dir(directory: str | Path, device: str | torch.device = "cpu") ->
     card = json.loads((d / CONFIG).read_text())
     if card.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{d / CONFIG}: format_version {card.get('format_version')} != {FORMAT_VERSION}")
+    return sampler_from_state(card, load_file(str(d / WEIGHTS)), device)
+
+
+def sampler_from_state(card: dict[str, Any], state_dict: dict[str, torch.Tensor],
+                       device: str | torch.device = "cpu") -> DiffusionSampler:
+    """Rebuild a sampler from a model card (``config.json`` content) and UNet weights."""
     unet = UNet.from_config(card["unet"])
-    unet.load_state_dict(load_file(str(d / WEIGHTS)))
+    unet.load_state_dict(state_dict)
     return DiffusionSampler(unet=unet, card=card, device=torch.device(device))
 
 

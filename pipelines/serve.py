@@ -29,8 +29,9 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
+from diffusion_core.samplers import SAMPLERS
 from pipelines.batching import SampleJob, images_in, progressive_events, run_jobs
-from pipelines.config import ConfigError, PipelineConfig, ServeConfig, load_config
+from pipelines.config import PipelineConfig, ServeConfig, load_config
 from pipelines.serve_schemas import (
     MAX_BODY_BYTES,
     GenerateRequest,
@@ -63,7 +64,7 @@ class DiffusionModel:
         device = "cuda" if self.cfg.use_gpu and torch.cuda.is_available() else "cpu"
         self.sampler = load_model(model_uri, device=device, tracking_uri=tracking_uri)
         self.model_uri = model_uri
-        # Batch size counts images (build_app checked that one request of max_samples_per_request fits).
+        # Batch size counts images (the config guarantees one request of max_samples_per_request fits).
         self.max_images = self.cfg.max_batch_size
         self.generate.set_max_batch_size(self.max_images)
         self.generate.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
@@ -77,7 +78,7 @@ class DiffusionModel:
             run_id=info.get("run_id") or training.get("run_id"), image_size=s.image_size, channels=s.channels,
             num_classes=s.num_classes, class_names=card.get("data", {}).get("class_names"),
             num_timesteps=s.num_timesteps, training_steps=training.get("steps"),
-            samplers=["ddpm", "ddim", "dpm_solver"], max_samples_per_request=self.cfg.max_samples_per_request,
+            samplers=list(SAMPLERS), max_samples_per_request=self.cfg.max_samples_per_request,
             max_batch_size=self.max_images, device=str(s.device),
         ).model_dump()
 
@@ -287,13 +288,6 @@ def with_model_uri(cfg: PipelineConfig, model_uri: str | None) -> PipelineConfig
     return cfg.model_copy(update={"serve": cfg.serve.model_copy(update={"model_uri": model_uri})})
 
 
-def check_serve_config(s: ServeConfig) -> None:
-    """Cross-field checks of the serve section (raised before anything starts)."""
-    if s.max_samples_per_request > s.max_batch_size:
-        raise ConfigError(f"serve.max_samples_per_request ({s.max_samples_per_request}) must be <= "
-                          f"serve.max_batch_size ({s.max_batch_size}): one request must fit one batched run")
-
-
 def build_app(cfg_or_args: PipelineConfig | dict[str, Any] | None = None):
     """The Serve application (ingress bound to the model deployment).
 
@@ -306,7 +300,6 @@ def build_app(cfg_or_args: PipelineConfig | dict[str, Any] | None = None):
     else:
         cfg = _config_from_args(dict(cfg_or_args or {}))
     s = cfg.serve
-    check_serve_config(s)
     actor = {"num_cpus": s.cpus_per_replica, **({"num_gpus": 1} if s.use_gpu else {})}
     scale: dict[str, Any] = (
         {"autoscaling_config": s.autoscaling_config} if s.autoscaling_config else {"num_replicas": s.num_replicas}
@@ -350,7 +343,6 @@ def deploy(cfg: PipelineConfig, model_uri: str | None = None, *, blocking: bool 
     from pipelines.tracking import ensure_ray
 
     cfg = with_model_uri(cfg, model_uri)
-    check_serve_config(cfg.serve)
     ensure_ray(cfg)
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     handle = serve.run(build_app(cfg), name=APP_NAME, route_prefix="/", blocking=False)

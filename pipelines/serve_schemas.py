@@ -7,11 +7,12 @@ are checked per request by :func:`check_request`, which returns errors in FastAP
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-SamplerName = Literal["ddpm", "ddim", "dpm_solver"]
+from pipelines.config import SamplerName
+
 # Request bodies larger than this are refused with 422 (loc ["body"]) before they are parsed (a valid body is < 1 KiB
 # plus 8 bytes per class label).
 MAX_BODY_BYTES = 64 * 1024
@@ -37,10 +38,6 @@ class GenerateRequest(BaseModel):
     )
     seed: int | None = Field(None, ge=0, le=MAX_SEED,
                              description="Seed of this request's noise; null = random (the used seed is returned).")
-
-    def group_key(self) -> tuple[str, int, float, float]:
-        """Requests with equal keys can share one batched sampling run."""
-        return (self.sampler, self.steps, self.eta, self.guidance_scale)
 
 
 class StreamRequest(GenerateRequest):

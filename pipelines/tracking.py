@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import os
+import time
 from typing import Any
 
 import mlflow
@@ -38,6 +40,14 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = str(v) if isinstance(v, list | tuple) else v
     return out
+
+
+def mlflow_metrics(metrics: dict[str, float], step: int, timestamp_ms: int | None = None) -> list:
+    """``mlflow.entities.Metric`` objects for ``MlflowClient.log_batch`` (non-finite values left out)."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000) if timestamp_ms is None else timestamp_ms
+    return [Metric(k, float(v), now, step) for k, v in metrics.items() if math.isfinite(float(v))]
 
 
 def find_run(experiment_id: str, tag: str, value: str) -> str | None:

@@ -9,7 +9,6 @@ every ``checkpoint_every`` steps a Ray Train checkpoint holding everything neede
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import tempfile
@@ -19,12 +18,12 @@ from typing import Any
 
 import torch
 from pydantic import BaseModel
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from diffusion_core import LossSecondMomentResampler, UniformSampler, create_diffusion
 from pipelines.config import ConfigError, PipelineConfig, dump_yaml
 from pipelines.data import DataResult, check_shard_count, make_loader, split_shards
-from pipelines.model_io import build_unet, diffusion_kwargs, log_and_register, write_model_dir
+from pipelines.model_io import build_unet, diffusion_kwargs, log_and_register, save_weights, write_model_dir
 
 RUN_TAG = "ray_run_name"
 
@@ -67,12 +66,13 @@ def _lr_lambda(warmup: int):
     return lambda s: min(1.0, (s + 1) / warmup) if warmup > 0 else 1.0
 
 
-def _save_state(path: Path, state: dict[str, Any]) -> None:
-    torch.save(state, path)
-
-
 def _load_state(path: Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _new_window() -> dict[str, Any]:
+    """Accumulators of one logging window: loss sum, per-quarter-of-T loss sums and counts, start time, steps."""
+    return {"loss": 0.0, "q": [0.0] * 4, "qn": [0] * 4, "t0": time.time(), "steps": 0}
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
@@ -145,6 +145,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     if rank == 0:
         import mlflow
 
+        from pipelines.tracking import mlflow_metrics
+
         mlflow.set_tracking_uri(config["tracking_uri"])
         client = mlflow.MlflowClient()
         client.log_param(config["mlflow_run_id"], f"threads_per_worker_rank0_attempt{resumed_from or 0}", threads)
@@ -152,7 +154,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
               f"compile={compiled} start_step={step}/{tc.max_steps}", flush=True)
 
     T = diffusion.num_timesteps
-    window: dict[str, Any] = {"loss": 0.0, "n": 0, "q": [0.0] * 4, "qn": [0] * 4, "t0": time.time(), "steps": 0}
+    window = _new_window()
     consecutive_bad, last_ckpt_step, grad_norm = 0, step, torch.tensor(0.0)
     metrics: dict[str, float] = {}
     model.train()
@@ -205,7 +207,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         loss_value = loss.item()
         history.append([step, loss_value])
         window["loss"] += loss_value
-        window["n"] += 1
         window["steps"] += 1
         quart = (t * 4 // T).clamp(max=3)
         for q in range(4):
@@ -222,7 +223,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         if step % tc.log_every == 0 or step == tc.max_steps:
             dt = max(time.time() - window["t0"], 1e-9)
             metrics = {
-                "loss": window["loss"] / max(window["n"], 1),
+                "loss": window["loss"] / max(window["steps"], 1),
                 "grad_norm": float(grad_norm),
                 "lr": sched.get_last_lr()[0],
                 "images_per_sec": window["steps"] * tc.batch_size * world / dt,
@@ -233,12 +234,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                 if window["qn"][q]:
                     metrics[f"loss_q{q}"] = window["q"][q] / window["qn"][q]
             if client is not None:
-                client.log_batch(config["mlflow_run_id"], metrics=_mlflow_metrics(metrics, step))
+                client.log_batch(config["mlflow_run_id"], metrics=mlflow_metrics(metrics, step))
                 eta = (tc.max_steps - step) * dt / max(window["steps"], 1)
                 print(f"[train] step {step}/{tc.max_steps} loss {metrics['loss']:.4f} "
                       f"{metrics['images_per_sec']:.0f} img/s lr {metrics['lr']:.2e} eta {eta / 60:.1f} min",
                       flush=True)
-            window = {"loss": 0.0, "n": 0, "q": [0.0] * 4, "qn": [0] * 4, "t0": time.time(), "steps": 0}
+            window = _new_window()
 
         if rank == 0 and (step % tc.sample_every == 0 or step == tc.max_steps):
             _log_sample_grid(client, config, emas[0].module, diffusion, data, step, device)
@@ -253,16 +254,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                     "rank": rank, "world_size": world, "shards": my_shards, "samples_seen": samples_seen,
                     "local_loss_mean": local_loss_sum / max(1, step - (resumed_from or 0))}))
                 if rank == 0:
-                    save_file({k: v.detach().cpu().contiguous() for k, v in raw.state_dict().items()},
-                              str(d / "model.safetensors"))
+                    save_weights(raw.state_dict(), d / "model.safetensors")
                     for i, ema in enumerate(emas):
                         torch.save(ema.state_dict(), d / f"ema_{i}.pt")
-                    _save_state(d / "state.pt", {
+                    torch.save({
                         "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                         "scaler": scaler.state_dict(), "step": step, "history": history,
                         "nonfinite": nonfinite_total,
                         "timestep_sampler": ts_sampler.state_dict() if hasattr(ts_sampler, "state_dict") else None,
-                    })
+                    }, d / "state.pt")
                     card = model_card(cfg, data, raw.config, step=step, run_id=config["mlflow_run_id"])
                     write_model_dir(d / "ema_model", emas[0].module.state_dict(), card)
                     (d / "config.yaml").write_text(dump_yaml(cfg))
@@ -274,13 +274,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         steady = (step - steady_mark) * tc.batch_size * world / (time.time() - steady_from)
     return {"step": step, "resumed_from": resumed_from, "final_loss": history[-1][1] if history else None,
             "first_step_at": first_step_at, "images_per_sec": steady, "steps_run": step - start_step}
-
-
-def _mlflow_metrics(metrics: dict[str, float], step: int):
-    from mlflow.entities import Metric
-
-    now = int(time.time() * 1000)
-    return [Metric(k, float(v), now, step) for k, v in metrics.items() if math.isfinite(float(v))]
 
 
 def _log_sample_grid(client, config, ema_model, diffusion, data: DataResult, step: int, device) -> None:
@@ -299,7 +292,7 @@ def _log_sample_grid(client, config, ema_model, diffusion, data: DataResult, ste
                    sampler="dpm_solver", steps=20, generator=torch.Generator().manual_seed(0),
                    model_kwargs=kwargs, device=device)
     ema_model.train(was_training)
-    grid = make_grid(x, nrow=4 if n == 16 else None)
+    grid = make_grid(x)  # 4 x 4
     client.log_image(config["mlflow_run_id"], grid, key="ema_samples", step=step)
     client.log_image(config["mlflow_run_id"], grid, artifact_file=f"samples/ema_step{step:08d}.png")
 
@@ -352,7 +345,7 @@ def run_training(cfg: PipelineConfig, data: DataResult, *, faults: FaultInjectio
         run = mlflow.MlflowClient().create_run(exp_id, run_name=cfg.train.run_name, tags=tags)
         run_id = run.info.run_id
         with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
-            mlflow.log_params({k: v for k, v in flatten(cfg.to_dict()).items()})
+            mlflow.log_params(flatten(cfg.to_dict()))
             mlflow.log_params({"world_size": cfg.train.num_workers, "device": "cuda" if cfg.train.use_gpu else "cpu",
                                "torch_version": torch.__version__, "ray_version": ray.__version__,
                                "python": platform.python_version()})

@@ -53,3 +53,11 @@ def test_bad_override_exits_2_and_names_the_field():
 def test_missing_config_file_is_a_usage_error(tmp_path):
     res = runner.invoke(app, ["show-config", "--config", str(tmp_path / "nope.yaml")])
     assert res.exit_code == 2 and "does not exist" in res.output
+
+
+def test_bad_sampler_flag_exits_2_and_lists_the_samplers():
+    res = runner.invoke(app, ["sample", "--sampler", "euler"])
+    assert res.exit_code == 2
+    assert "sampler" in res.output and "'euler'" in res.output
+    for ok in ("ddpm", "ddim", "dpm_solver"):
+        assert ok in res.output

@@ -44,6 +44,7 @@ def test_overrides_are_yaml_typed():
         (["train.bogus=1"], "train.bogus: unknown key"),
         (["train.ema_decays=[1.5]"], "train.ema_decays"),
         (["data.source=cifar10"], "data.path is required"),
+        (["serve.max_samples_per_request=32"], "serve.max_samples_per_request (32) must be <= serve.max_batch_size"),
     ],
 )
 def test_errors_name_the_field(override, needle):
@@ -57,6 +58,15 @@ def test_literal_errors_list_accepted_values():
         load_config(None, ["data.source=mnist"])
     for ok in ("digits", "image_folder", "cifar10", "shards"):
         assert ok in str(e.value)
+
+
+def test_sampler_names_are_the_cores():
+    from typing import get_args
+
+    from diffusion_core.samplers import SAMPLERS
+    from pipelines.config import SamplerName
+
+    assert get_args(SamplerName) == SAMPLERS
 
 
 def test_unknown_section_in_yaml(tmp_path):
