@@ -71,8 +71,9 @@ class DataConfig(_Section):
     num_classes: int | None = Field(
         None,
         ge=0,
-        description="shards source only: number of classes (0 = unlabelled). None: from the shards' manifest.json, "
-        "else inferred as max label + 1 in the first shard (a lower bound; set it for real use).",
+        description="shards source only: number of classes (0 = unlabelled). None: from the shards' manifest.json; "
+        "required for shards without one (never guessed from the data). Every label read must lie in "
+        "[0, num_classes).",
     )
     test_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Held-out fraction (seeded split).")
     split_seed: int = Field(0, description="Seed of the train/test split.")
@@ -165,6 +166,13 @@ class SamplerSpec(_Section):
     steps: int = Field(gt=0)
 
 
+# The metrics evaluate produces that the promotion gate can compare, by the direction in which they improve
+# (pipelines.evaluate.gate reads these; tests check the Literal agrees with them).
+LOWER_IS_BETTER = ("frechet_distance", "frechet_ratio", "fid", "bpd")
+HIGHER_IS_BETTER = ("class_accuracy", "inception_score")
+PrimaryMetric = Literal["frechet_distance", "frechet_ratio", "fid", "bpd", "class_accuracy", "inception_score"]
+
+
 class EvaluateConfig(_Section):
     num_samples: int = Field(500, ge=10, description="Generated images per metric.")
     sampler: SamplerSpec = Field(SamplerSpec(sampler="dpm_solver", steps=20), description="Sampler for the gate.")
@@ -181,7 +189,9 @@ class EvaluateConfig(_Section):
         description="Samplers measured in the quality/speed table (empty list skips it).",
     )
     guidance_scale: float = Field(1.0, ge=0.0)
-    primary_metric: str = Field("frechet_distance", description="Metric the promotion gate compares (lower wins).")
+    primary_metric: PrimaryMetric = Field(
+        "frechet_distance", description="Metric the promotion gate compares: lower is better for "
+        f"{', '.join(LOWER_IS_BETTER)}; higher is better for {', '.join(HIGHER_IS_BETTER)}.")
     promote_margin: float = Field(0.0, ge=0.0, description="Relative margin the new model must beat champion by.")
     bpd_subset: int = Field(64, ge=0, description="Held-out images for bits/dim (0 skips).")
     inception_weights: str | None = Field(None, description="Local InceptionV3 FID weights; None skips FID.")

@@ -5,6 +5,7 @@ counter), ``sources.py`` (digits, image_folder, cifar10), ``urls.py`` (shard spe
 """
 
 from pipelines.data.loader import (
+    LoaderSpec,
     ShardLoader,
     ShardReadError,
     check_shard_count,
@@ -22,6 +23,7 @@ from pipelines.data.urls import expand_shard_spec
 __all__ = [
     "MANIFEST_NAME",
     "DataResult",
+    "LoaderSpec",
     "ManifestError",
     "ShardLoader",
     "ShardReadError",

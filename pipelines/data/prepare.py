@@ -34,7 +34,7 @@ from pydantic import BaseModel
 from tqdm.auto import tqdm
 
 from pipelines.config import ConfigError, DataConfig, PipelineConfig
-from pipelines.data.loader import decode_sample, iter_shard
+from pipelines.data.loader import LoaderSpec, decode_sample, iter_shard
 from pipelines.data.manifest import FORMAT_VERSION, MANIFEST_NAME, read_manifest, write_manifest
 from pipelines.data.sources import Cifar10Source, DigitsSource, ImageFolderSource, Record, fit_image
 from pipelines.data.urls import expand_shard_spec, is_remote
@@ -226,30 +226,42 @@ def _find_manifest(urls: list[str]) -> Path | None:
     return None
 
 
-def _inspect_first_shard(url: str, channels: int) -> tuple[int, int, bool]:
-    """(image_size, max label + 1, labelled?) from the first shard; the label count is a lower bound."""
-    size, max_label, labelled = None, -1, False
+def _check_first_sample(url: str, d: DataConfig) -> None:
+    """Fail fast (before training starts) when the first sample of ``url`` breaks ``data.image_size`` /
+    ``data.channels`` / ``data.num_classes``; the loader checks every sample again as it reads."""
+    spec = LoaderSpec(urls=[url], batch_size=1, num_workers=0, channels=d.channels, image_size=d.image_size,
+                      num_classes=d.num_classes)
     for sample in iter_shard(url):
-        arr, label = decode_sample(sample, channels)
-        if size is None:
-            if arr.shape[1] != arr.shape[2]:
-                raise ValueError(f"shard {url}: sample {sample['__key__']!r} is not square ({list(arr.shape)})")
-            size = arr.shape[1]
-        labelled |= label >= 0
-        max_label = max(max_label, label)
-    if size is None:
-        raise ValueError(f"data.path: shard {url} holds no samples")
-    return size, max_label + 1, labelled
+        try:
+            decode_sample(sample, spec)
+        except (KeyError, ValueError) as e:
+            raise ConfigError(f"data.path: shard {url}: sample {sample['__key__']!r} does not match the config "
+                              f"(data.image_size={d.image_size}, data.channels={d.channels}, "
+                              f"data.num_classes={d.num_classes}): {e}") from None
+        return
+    raise ConfigError(f"data.path: shard {url} holds no samples")
+
+
+def _from_manifest(m: dict[str, Any], path: Path, d: DataConfig) -> tuple[int, list[str]]:
+    """(num_classes, class_names) of a manifest, after checking it agrees with the config."""
+    for field, have in (("image_size", d.image_size), ("channels", d.channels)):
+        if m[field] != have:
+            raise ConfigError(f"data.{field}: is {have} but the shards' manifest {path} says {m[field]}")
+    if d.num_classes is not None and d.num_classes != m["num_classes"]:
+        raise ConfigError(f"data.num_classes: is {d.num_classes} but the shards' manifest {path} says "
+                          f"{m['num_classes']} (leave it unset to use the manifest's)")
+    return m["num_classes"], m["class_names"]
 
 
 def describe_shards(cfg: PipelineConfig) -> DataResult:
     """``data.source: shards``: expand ``data.path`` / ``data.test_path`` into URLs, nothing written.
 
-    Metadata comes from a ``manifest.json`` beside the first local shard (or its parent) when present, and its
-    test split is used when ``data.test_path`` is unset. Otherwise (e.g. remote shards) the first shard is read
-    once: the image size from its first sample and, unless ``data.num_classes`` is set, the class count as
-    max label + 1 seen in that shard (a lower bound: set ``data.num_classes`` for real use); counts and
-    mean/std stay None. ``data.image_size`` must equal the shards' size.
+    The data format comes from a ``manifest.json`` beside the first local shard (or its parent) when present
+    (its test split is used when ``data.test_path`` is unset; ``data.image_size`` / ``data.channels`` /
+    ``data.num_classes`` must agree with it). Otherwise (e.g. remote shards) it is the config's:
+    ``data.num_classes`` must then be set (0 for unlabelled shards), since a class count read off the shards
+    would only be a guess; the first sample is checked against the config, and counts and mean/std stay None.
+    The loader validates every sample against the same format as it reads.
     """
     d = cfg.data
     try:
@@ -258,12 +270,12 @@ def describe_shards(cfg: PipelineConfig) -> DataResult:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     mpath = _find_manifest(train_urls)
-    m = read_manifest(mpath) if mpath else None
     num_train = num_test = None
     mean = std = None
-    if m is not None:
-        size, class_names, num_classes = m["image_size"], m["class_names"], m["num_classes"]
-        mean, std = (m.get("mean"), m.get("std")) if m["channels"] == d.channels else (None, None)
+    if mpath is not None:
+        m = read_manifest(mpath)
+        num_classes, class_names = _from_manifest(m, mpath, d)
+        mean, std = m.get("mean"), m.get("std")
         split_urls = {s: sorted(v["urls"]) for s, v in m["splits"].items()}
         if sorted(train_urls) == split_urls.get("train"):
             num_train = m["splits"]["train"]["count"]
@@ -272,17 +284,12 @@ def describe_shards(cfg: PipelineConfig) -> DataResult:
         if test_urls and sorted(test_urls) == split_urls.get("test"):
             num_test = m["splits"]["test"]["count"]
     else:
-        size, inferred, labelled = _inspect_first_shard(train_urls[0], d.channels)
-        num_classes = d.num_classes if d.num_classes is not None else (inferred if labelled else 0)
-        if d.num_classes is None and labelled:
-            log.warning("data.num_classes unset: inferred %d classes from %s (max label + 1)", inferred, train_urls[0])
-        class_names = [str(i) for i in range(num_classes)]
-    if d.num_classes is not None:
-        num_classes = d.num_classes
-        if len(class_names) != num_classes:
-            class_names = [str(i) for i in range(num_classes)]
-    if size != d.image_size:
-        raise ConfigError(f"data.image_size: is {d.image_size} but the shards at data.path hold {size}x{size} images")
+        if d.num_classes is None:
+            raise ConfigError(f"data.num_classes: the shards at data.path have no {MANIFEST_NAME}, so the class "
+                              "count must be set (0 for unlabelled shards); it is not guessed from the data")
+        _check_first_sample(train_urls[0], d)
+        num_classes, class_names = d.num_classes, [str(i) for i in range(d.num_classes)]
+    size = d.image_size
     h = hashlib.sha256()
     for split, urls in (("train", train_urls), ("test", test_urls)):
         for u in urls:  # identity of the shard set: URLs, plus size and mtime for local files
