@@ -575,3 +575,24 @@ def test_bad_data_config_names_the_field(overrides, field, hint):
 def test_manifest_on_disk_is_relative(digits):
     raw = json.loads((Path(digits.data_dir) / MANIFEST_NAME).read_text())
     assert "root" not in raw and all(not s["path"].startswith("/") for s in raw["splits"]["train"]["shards"])
+
+
+def test_held_out_selector_one_rule(digits, tmp_path):
+    """Evaluation's held-out images: the test split when it has >= 2 images, else the train split (for the
+    reference statistics and bits/dim alike; they used to disagree on a one-image test split)."""
+    from pipelines.evaluate import MIN_HELD_OUT, load_held_out
+
+    x, y, split = load_held_out(digits)
+    assert split == "test" and len(x) == digits.num_test
+    x1, y1, split1 = load_held_out(digits, limit=1)  # a small limit does not change the split
+    assert split1 == "test" and torch.equal(x1, x[:1]) and torch.equal(y1, y[:1])
+    root = tmp_path / "flat"
+    root.mkdir()
+    for i in range(10):
+        Image.fromarray(np.full((4, 4), 20 * i, np.uint8)).save(root / f"im{i}.png")
+    for fraction, n_test in (("0.1", 1), ("0", 0)):
+        res = prepare_data(_cfg(tmp_path / "ws", "data.source=image_folder", f"data.path={root}",
+                                "data.image_size=4", f"data.test_fraction={fraction}"), progress=False)
+        assert res.num_test == n_test < MIN_HELD_OUT
+        x, _, split = load_held_out(res, limit=4)
+        assert split == "train" and len(x) == 4
