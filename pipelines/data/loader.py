@@ -209,17 +209,21 @@ class LoaderSpec(BaseModel):
     def for_data(cls, data: Any, split: str = "train", **reading: Any) -> LoaderSpec:
         """The spec for one split of a DataResult or a manifest dict (from :func:`read_manifest`): urls,
         channels, image size and class count come from it; ``reading`` sets the other fields."""
-        if split not in ("train", "test"):
-            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-        if isinstance(data, dict):
-            if "root" not in data:
-                raise ValueError("pass a manifest loaded with read_manifest (it resolves the shard paths)")
-            urls = data["splits"].get(split, {}).get("urls", [])
-        else:
-            urls = list(getattr(data, f"{split}_urls"))
-        get = data.get if isinstance(data, dict) else lambda k: getattr(data, k)
-        return cls(urls=urls, channels=int(get("channels")), image_size=int(get("image_size")),
-                   num_classes=int(get("num_classes")), **reading)
+        return cls(**data_format(data, split), **reading)
+
+
+def data_format(data: Any, split: str) -> dict[str, Any]:
+    """``urls`` of ``split`` and the data format (``channels``, ``image_size``, ``num_classes``) of a DataResult
+    or a manifest dict loaded with :func:`read_manifest`."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if isinstance(data, dict):
+        if "root" not in data:
+            raise ValueError("pass a manifest loaded with read_manifest (it resolves the shard paths)")
+        urls, fmt = data["splits"].get(split, {}).get("urls", []), data
+    else:
+        urls, fmt = getattr(data, f"{split}_urls"), vars(data)
+    return {"urls": list(urls), **{k: int(fmt[k]) for k in ("channels", "image_size", "num_classes")}}
 
 
 def _image_channels(img: Image.Image) -> int | None:
@@ -416,18 +420,11 @@ def load_split_tensors(
     ``result_or_manifest``: a DataResult, a manifest dict (from :func:`read_manifest`), or a path to
     ``manifest.json`` / its directory. Returns (images float32 [N, C, H, W] in [-1, 1], labels int64 [N]).
     """
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    src = result_or_manifest
-    if isinstance(src, (str, Path)):
-        src = read_manifest(src)
-    get = src.get if isinstance(src, dict) else lambda k: getattr(src, k)
-    channels, size = int(get("channels")), int(get("image_size"))
-    urls = src["splits"].get(split, {}).get("urls", []) if isinstance(src, dict) else getattr(src, f"{split}_urls")
+    src = read_manifest(result_or_manifest) if isinstance(result_or_manifest, (str, Path)) else result_or_manifest
+    fmt = data_format(src, split)
     images, labels, n = [], [], 0
-    if urls and limit != 0:
-        spec = LoaderSpec.for_data(src, split, batch_size=256, num_workers=0, resampled=False, shuffle_buffer=0,
-                                   on_error=on_error)
+    if fmt["urls"] and limit != 0:
+        spec = LoaderSpec(**fmt, batch_size=256, num_workers=0, resampled=False, shuffle_buffer=0, on_error=on_error)
         for x, y in ShardLoader(spec):
             images.append(x)
             labels.append(y)
@@ -435,6 +432,7 @@ def load_split_tensors(
             if limit is not None and n >= limit:
                 break
     if not images:
-        return torch.zeros(0, channels, size, size), torch.zeros(0, dtype=torch.int64)
+        c, size = fmt["channels"], fmt["image_size"]
+        return torch.zeros(0, c, size, size), torch.zeros(0, dtype=torch.int64)
     x, y = torch.cat(images), torch.cat(labels)
     return (x[:limit], y[:limit]) if limit is not None else (x, y)

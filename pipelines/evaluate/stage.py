@@ -15,7 +15,7 @@ from pydantic import BaseModel
 from pipelines.config import ConfigError, PipelineConfig, SamplerSpec
 from pipelines.evaluate import report as R
 from pipelines.evaluate import tasks as T
-from pipelines.evaluate.gate import metric_direction, tag_version
+from pipelines.evaluate.gate import tag_version
 from pipelines.evaluate.runner import Job, TaskRunner
 
 log = logging.getLogger("pipelines.evaluate")
@@ -137,7 +137,6 @@ def evaluate(cfg: PipelineConfig, model_uri: str, data, *, run_id: str | None = 
     from pipelines.model_io import load_model
     from pipelines.tracking import ensure_ray, setup_mlflow
 
-    metric_direction(cfg.evaluate.primary_metric)
     fid_factory, fid_skip = T.fid_factory(cfg, fid_extractor)
     exp_id = setup_mlflow(cfg)
     model = load_model(model_uri, tracking_uri=cfg.tracking_uri)

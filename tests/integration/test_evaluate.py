@@ -208,3 +208,22 @@ def test_full_evaluation_report_table_bpd_fid(gate_setup, tiny_data):
     assert [row[col] for row in table["data"]] == ["ddim", "dpm_solver"]
     md = open(ev.report_md).read()
     assert "Sampler table" in md and "frechet_distance_real" in md
+
+
+def _echo_after(name: str, spin: int) -> tuple[str, int]:
+    total = 0
+    for i in range(spin):  # busy work of different lengths, so jobs finish out of submission order
+        total += i
+    return name, total
+
+
+def test_runner_returns_results_by_name(ray_session):
+    from pipelines.config import EvaluateConfig
+    from pipelines.evaluate.runner import TaskRunner
+
+    runner = TaskRunner(EvaluateConfig(concurrency=3))
+    spins = {"slow": 3_000_000, "quick": 1, "middle": 100_000, "last": 10}
+    out = runner.run({k: (_echo_after, (k, n)) for k, n in spins.items()}, "test")
+    assert list(out) == list(spins)  # the jobs' order, whatever finished first
+    assert out == {k: (k, n * (n - 1) // 2) for k, n in spins.items()}
+    assert runner.run_one("only", (_echo_after, ("only", 3)), "test") == ("only", 3)
