@@ -1,7 +1,8 @@
 """Sharded webdataset images: ``prepare_data`` writes them, ``make_loader`` reads them per Ray Train rank.
 
-See ``prepare.py`` (writing, fingerprint, atomicity), ``loader.py`` (rank/worker split, error modes, skip
-counter), ``sources.py`` (digits, image_folder, cifar10), ``urls.py`` (shard specs) and ``manifest.py``.
+See ``prepare.py`` (writing, fingerprint, atomicity), ``loader.py`` (``LoaderSpec``, rank/worker split,
+validation on read, error modes, skip counter), ``sources.py`` (digits, image_folder, cifar10), ``urls.py``
+(shard specs) and ``manifest.py``.
 """
 
 from pipelines.data.loader import (
