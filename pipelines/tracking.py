@@ -13,21 +13,28 @@ from pipelines.config import PipelineConfig
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
+# The MLflow UI opens an experiment of this kind on its training runs (without it: on the GenAI overview).
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+
 
 def setup_mlflow(cfg: PipelineConfig) -> str:
     """Point MLflow at the configured tracking URI and experiment; returns the experiment id.
 
-    With the local default (SQLite in the workspace) artifacts go to ``workspace/mlartifacts``.
+    With the local default (SQLite in the workspace) artifacts go to ``workspace/mlartifacts``. The experiment is
+    tagged ``mlflow.experimentKind=custom_model_development``.
     """
     uri = cfg.tracking_uri
     if uri.startswith("sqlite:///"):
         cfg.workspace.root.resolve().mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
     exp = mlflow.get_experiment_by_name(cfg.registry.experiment_name)
-    if exp is not None:
-        return exp.experiment_id
-    location = cfg.workspace.mlartifacts.as_uri() if uri.startswith("sqlite:") else None
-    return mlflow.create_experiment(cfg.registry.experiment_name, artifact_location=location)
+    if exp is None:
+        location = cfg.workspace.mlartifacts.as_uri() if uri.startswith("sqlite:") else None
+        return mlflow.create_experiment(cfg.registry.experiment_name, artifact_location=location,
+                                        tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+    if EXPERIMENT_KIND_TAG not in (exp.tags or {}):  # made before the tag existed (a kind set by hand stays)
+        mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return exp.experiment_id
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
