@@ -99,7 +99,13 @@ def evaluate(config: ConfigOpt = None, set_: SetOpt = None, address: AddressOpt 
         if not info:
             typer.secho("--promote needs a models:/ URI", fg=typer.colors.RED, err=True)
             raise typer.Exit(2)
-        dec = run_promote(cfg, info["name"], info["version"], res.metrics)
+        from pipelines.evaluate.gate import PromotionConflict
+
+        try:
+            dec = run_promote(cfg, info["name"], info["version"], res.metrics)
+        except PromotionConflict as e:
+            typer.secho(f"promotion refused: {e}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(1) from e
         _done(json.dumps(dec.model_dump(mode="json"), indent=2))
 
 
