@@ -18,7 +18,8 @@ Held-out images are the test split when it holds at least two images, else the t
 
 Modules: :mod:`.tasks` (the bodies of the Ray tasks: reference classifier, one sampler row, bits/dim, FID),
 :mod:`.runner` (named jobs as Ray tasks, ``evaluate.concurrency`` in flight), :mod:`.report` (grids, table,
-``report.json`` / ``report.md``), :mod:`.gate` (version tags and :func:`promote`), :mod:`.stage` (the stage).
+``report.json`` / ``report.md``), :mod:`.gate` (metrics read back from the LoggedModel, :func:`promote`), :mod:`.stage`
+(the stage; metrics on the run and against the version's LoggedModel).
 
 ``promote(cfg, model_name, version, metrics)`` is the gate: the version gets ``registry.champion_alias`` if there
 is no champion or its primary metric beats the champion's by ``evaluate.promote_margin`` (relative); otherwise it
@@ -29,15 +30,15 @@ the gate decides makes it refuse (:class:`PromotionConflict`).
 from pipelines.config import HIGHER_IS_BETTER, LOWER_IS_BETTER
 from pipelines.evaluate.gate import (
     REJECTED_TAG,
-    TAG_PREFIX,
+    SETUP_TAG,
     PromoteResult,
     PromotionConflict,
     metric_direction,
     promote,
-    tag_version,
+    recorded_metric,
 )
 from pipelines.evaluate.report import SamplerRow
-from pipelines.evaluate.stage import METRIC_PREFIX, EvalResult, evaluate
+from pipelines.evaluate.stage import EvalResult, evaluate
 from pipelines.evaluate.tasks import (
     GRID_IMAGES,
     MIN_HELD_OUT,
@@ -54,10 +55,9 @@ __all__ = [
     "GRID_IMAGES",
     "HIGHER_IS_BETTER",
     "LOWER_IS_BETTER",
-    "METRIC_PREFIX",
     "MIN_HELD_OUT",
     "REJECTED_TAG",
-    "TAG_PREFIX",
+    "SETUP_TAG",
     "EvalResult",
     "FeatureExtractorFactory",
     "PromoteResult",
@@ -70,7 +70,7 @@ __all__ = [
     "load_held_out",
     "metric_direction",
     "promote",
+    "recorded_metric",
     "reference_task",
     "sampler_task",
-    "tag_version",
 ]

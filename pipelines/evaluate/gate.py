@@ -1,8 +1,11 @@
-"""The promotion gate and the registry tags it reads.
+"""The promotion gate, and where it reads and writes.
 
-:func:`tag_version` records a version's evaluation (``eval.<metric>`` tags, the comparability setup, the run id).
-:func:`promote` gives the version ``registry.champion_alias`` if there is no champion or its primary metric beats
-the champion's by ``evaluate.promote_margin`` (relative); otherwise it is tagged ``rejected`` with the reason.
+Evaluate logs its metrics against the model version's LoggedModel (``model_id``); :func:`recorded_metric` reads
+the latest value back, with the setup of the evaluation that logged it (the ``eval.setup`` tag of its run: what has
+to match for two versions' numbers to be comparable). :func:`promote` gives the version ``registry.champion_alias``
+if there is no champion or its primary metric beats the champion's recorded one by ``evaluate.promote_margin``
+(relative); otherwise it is tagged ``rejected`` with the reason. The version keeps only the tags a human reads at a
+glance: ``decision``, ``primary_metric`` and ``compared_with`` (plus ``rejected`` / ``superseded_by``).
 
 Order of writes, so that a crash or a rival never leaves a false record:
 
@@ -27,8 +30,9 @@ from pipelines.config import HIGHER_IS_BETTER, LOWER_IS_BETTER, ConfigError, Pip
 
 log = logging.getLogger("pipelines.evaluate")
 
-TAG_PREFIX = "eval."  # model-version tags: eval.frechet_distance, ...
+SETUP_TAG = "eval.setup"  # run tag of an evaluation: its comparability setup
 REJECTED_TAG = "rejected"
+DECISION_TAGS = ("decision", "primary_metric", "compared_with")  # the version tags the gate writes
 
 
 class PromotionConflict(RuntimeError):
@@ -60,22 +64,43 @@ def metric_direction(name: str) -> bool:
                       f"{', '.join(LOWER_IS_BETTER)}; higher is better {', '.join(HIGHER_IS_BETTER)}")
 
 
-# ------------------------------------------------------------------------------------------------ version tags
+# ------------------------------------------------------------------------------------------------ recorded metrics
 def comparability(reference: dict[str, Any]) -> str:
-    """What has to match for two versions' metrics to be comparable (recorded on each version)."""
+    """What has to match for two versions' metrics to be comparable (the ``eval.setup`` tag of each evaluation)."""
     clf = (reference.get("classifier") or {}).get("key")
     gate = reference["gate_sampler"]
     return (f"classifier={clf};data={reference['data_fingerprint']};sampler={gate['sampler']}/{gate['steps']};"
             f"n={reference['num_samples']};seed={reference['seed']};guidance={reference['guidance_scale']}")
 
 
-def tag_version(client, name: str, version: str, metrics: dict[str, float], reference: dict[str, Any],
-                run_id: str) -> None:
-    """Record an evaluation on the model version: ``eval.<metric>``, ``eval.setup`` and ``eval.run_id``."""
-    for k, v in metrics.items():
-        client.set_model_version_tag(name, version, TAG_PREFIX + k, repr(float(v)))
-    client.set_model_version_tag(name, version, TAG_PREFIX + "setup", comparability(reference))
-    client.set_model_version_tag(name, version, TAG_PREFIX + "run_id", run_id)
+def version_model_id(mv) -> str | None:
+    """The LoggedModel id of a model version: ``mv.model_id``, or the id in its ``models:/<model_id>`` source (the
+    SQL registry store does not keep ``model_id``); None for a version registered without a LoggedModel."""
+    if getattr(mv, "model_id", None):
+        return mv.model_id
+    rest = (mv.source or "").removeprefix("models:/")
+    return rest if rest != mv.source and rest.startswith("m-") and "/" not in rest else None
+
+
+def recorded_metric(client, mv, metric: str) -> tuple[float | None, str | None]:
+    """(value, setup) of the latest ``metric`` logged against the version's LoggedModel, the setup being the
+    ``eval.setup`` tag of the run that logged it; (None, None) when the version was never evaluated."""
+    from mlflow.exceptions import MlflowException
+
+    model_id = version_model_id(mv)
+    if model_id is None:
+        return None, None
+    found = [m for m in client.get_logged_model(model_id).metrics or [] if m.key == metric]
+    if not found:
+        return None, None
+    last = max(found, key=lambda m: (m.timestamp, m.step))
+    setup = None
+    if last.run_id:
+        try:
+            setup = client.get_run(last.run_id).data.tags.get(SETUP_TAG)
+        except MlflowException:
+            pass  # the evaluation's run was deleted: the number stands, its setup is unknown
+    return float(last.value), setup
 
 
 # ------------------------------------------------------------------------------------------------ the gate
@@ -88,13 +113,6 @@ def _champion(client, model_name: str, alias: str):
         if "RESOURCE_DOES_NOT_EXIST" in str(e.error_code) or "not found" in str(e).lower():
             return None
         raise
-
-
-def _as_float(s: str | None) -> float | None:
-    try:
-        return float(s) if s is not None else None
-    except ValueError:
-        return None
 
 
 def _decide(metric: str, higher: bool, margin: float, value: float, version: str, champ_version: str | None,
@@ -119,8 +137,7 @@ def _decide(metric: str, higher: bool, margin: float, value: float, version: str
     return ("promoted" if wins else "rejected"), reason
 
 
-def _setup_note(mv, champ) -> str:
-    mine, theirs = (mv.tags or {}).get(TAG_PREFIX + "setup"), (champ.tags or {}).get(TAG_PREFIX + "setup")
+def _setup_note(mine: str | None, theirs: str | None) -> str:
     if mine and theirs and mine != theirs:
         return f" (note: evaluated under different setups: this version '{mine}', champion '{theirs}')"
     return ""
@@ -130,9 +147,9 @@ def promote(cfg: PipelineConfig, model_name: str, version: str | int, metrics: d
     """Give ``version`` the champion alias if there is no champion or its ``evaluate.primary_metric`` beats the
     champion's by the relative ``evaluate.promote_margin``; otherwise tag it ``rejected`` with the reason.
 
-    The champion's number is its ``eval.<metric>`` tag, written by ``evaluate`` (evaluate the champion again if it
-    lacks one). Raises :class:`PromotionConflict` when the champion changes while deciding (see the module
-    docstring for the order of writes).
+    The champion's number is the latest ``metric`` on its LoggedModel, logged by ``evaluate`` (evaluate the
+    champion again if it has none). Raises :class:`PromotionConflict` when the champion changes while deciding
+    (see the module docstring for the order of writes).
     """
     import mlflow
     from mlflow.exceptions import MlflowException
@@ -158,10 +175,10 @@ def promote(cfg: PipelineConfig, model_name: str, version: str | int, metrics: d
     # 1. Decide against the champion as read now.
     champ = _champion(client, model_name, alias)
     champ_version = str(champ.version) if champ else None
-    champ_value = _as_float((champ.tags or {}).get(TAG_PREFIX + metric)) if champ else None
+    champ_value, champ_setup = recorded_metric(client, champ, metric) if champ else (None, None)
     decision, reason = _decide(metric, higher, margin, value, version, champ_version, champ_value, alias, model_name)
     if champ is not None and decision != "already_champion":
-        reason += _setup_note(mv, champ)
+        reason += _setup_note(recorded_metric(client, mv, metric)[1], champ_setup)
     result = PromoteResult(model_name=model_name, version=version, decision=decision,
                            promoted=decision in ("promoted", "already_champion"), reason=reason, metric=metric,
                            higher_is_better=higher, value=value, champion_version=champ_version,
@@ -189,11 +206,11 @@ def _v(version: str | None) -> str:
 def _record(client, r: PromoteResult, mv) -> None:
     """The decision's tags and one description line on the version (after the alias moved, if it did)."""
     name, version = r.model_name, r.version
-    tags = {"promotion.decision": r.decision, "promotion.reason": r.reason, "promotion.metric": r.metric,
-            "promotion.value": repr(r.value), "promotion.champion_version": r.champion_version or "",
-            "promotion.champion_value": "" if r.champion_value is None else repr(r.champion_value),
-            "promotion.margin": repr(r.margin), "promotion.higher_is_better": str(r.higher_is_better).lower(),
-            TAG_PREFIX + r.metric: repr(r.value)}
+    better = "higher" if r.higher_is_better else "lower"
+    champ_txt = "none" if r.champion_version is None else \
+        f"v{r.champion_version} ({r.metric} = {'n/a' if r.champion_value is None else f'{r.champion_value:.6g}'})"
+    tags = {"decision": r.decision, "primary_metric": f"{r.metric} = {r.value:.6g} ({better} is better)",
+            "compared_with": f"{champ_txt}, margin {r.margin:.1%}"}
     for k, v in tags.items():
         client.set_model_version_tag(name, version, k, v)
     if r.decision == "promoted":
@@ -203,11 +220,8 @@ def _record(client, r: PromoteResult, mv) -> None:
             client.set_model_version_tag(name, r.champion_version, "superseded_by", version)
     else:
         client.set_model_version_tag(name, version, REJECTED_TAG, r.reason)
-    better = "higher" if r.higher_is_better else "lower"
-    champ_txt = "none" if r.champion_version is None else \
-        f"v{r.champion_version} = {r.champion_value if r.champion_value is not None else 'n/a'}"
-    line = (f"[promotion gate] {r.decision}: {r.metric} = {r.value:.6g} ({better} is better), champion {champ_txt}, "
-            f"margin {r.margin:.1%}. {r.reason}")
+    line = (f"[promotion gate] {r.decision}: {tags['primary_metric']}, champion {tags['compared_with']}. "
+            f"{r.reason}")
     desc = (mv.description or "").rstrip()
     client.update_model_version(name, version, description=f"{desc}\n{line}".strip())
     log.info("promotion gate for %s v%s: %s", name, version, line)

@@ -1,5 +1,6 @@
 """The evaluate stage: check the inputs, run the work units (:mod:`.tasks`) as named Ray jobs, assemble the gate
-metrics, write the report (:mod:`.report`), log it to MLflow and tag the model version (:mod:`.gate`)."""
+metrics, write the report (:mod:`.report`) and log it to MLflow: the metrics on the run and, for a registered
+version, against its LoggedModel (``model_id``), where the gate (:mod:`.gate`) reads them back."""
 
 from __future__ import annotations
 
@@ -15,12 +16,12 @@ from pydantic import BaseModel
 from pipelines.config import ConfigError, PipelineConfig, SamplerSpec
 from pipelines.evaluate import report as R
 from pipelines.evaluate import tasks as T
-from pipelines.evaluate.gate import tag_version
+from pipelines.evaluate.gate import SETUP_TAG, comparability, version_model_id
 from pipelines.evaluate.runner import Job, TaskRunner
+from pipelines.lineage import shard_dataset
 
 log = logging.getLogger("pipelines.evaluate")
 
-METRIC_PREFIX = "eval/"  # MLflow metric names: eval/frechet_distance, ...
 GATE_KEYS = ("frechet_distance", "class_accuracy", "inception_score", "seconds_per_image")
 NEEDS_CLASSIFIER = ("frechet_distance", "frechet_ratio", "class_accuracy", "inception_score")
 
@@ -243,10 +244,11 @@ def _evaluate(cfg, model, model_uri, data, run_id, client, raw_weights, fid_fact
               "reference": reference, "evaluate_config": ev_json, "duration_s": time.time() - t_start}
     R.write_report(out_dir, report, R.report_md(model_uri, metrics, rows, skipped, reference, ev.sampler,
                                                 ev.num_samples), rows)
-    _log_to_mlflow(client, run_id, metrics, out_dir, rows)
+    held_out = (ref or {}).get("held_out_split") or (bpd_out or {}).get("bpd_split")
+    _log_to_mlflow(client, run_id, metrics, out_dir, rows, model_id=_model_id(client, name, version),
+                   dataset=shard_dataset(data, held_out) if held_out else None)
     client.set_tag(run_id, "eval.model_uri", model_uri)
-    if name and version:
-        tag_version(client, name, version, metrics, reference, run_id)
+    client.set_tag(run_id, SETUP_TAG, comparability(reference))
     return EvalResult(model_uri=model_uri, model_name=name, model_version=version, run_id=run_id,
                       metrics=metrics, sampler_table=rows, report_json=str(out_dir / "report.json"),
                       report_md=str(out_dir / "report.md"), report_artifact_dir="evaluate",
@@ -266,14 +268,21 @@ def _gate_metrics(ref: dict | None, gate: dict[str, Any], bpd_out: dict | None, 
     return _finite(metrics)
 
 
-def _log_to_mlflow(client, run_id: str, metrics: dict[str, float], out_dir: Path, rows: list[R.SamplerRow]) -> None:
-    """Metrics as ``eval/<name>``, the report directory under ``evaluate/``, the sampler table as an MLflow table."""
+def _model_id(client, name: str | None, version: str | None) -> str | None:
+    """The LoggedModel id of a registered version (None for a run or directory URI, or a pre-MLflow-3 version)."""
+    return version_model_id(client.get_model_version(name, version)) if name and version else None
+
+
+def _log_to_mlflow(client, run_id: str, metrics: dict[str, float], out_dir: Path, rows: list[R.SamplerRow], *,
+                   model_id: str | None, dataset) -> None:
+    """Metrics under their own names on the run and against the LoggedModel ``model_id`` (measured on ``dataset``,
+    the held-out split, which MLflow records as an input of the run along with the model); the report directory
+    under ``evaluate/``, the sampler table as an MLflow table."""
     import mlflow
 
-    from pipelines.tracking import mlflow_metrics
-
     now = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=mlflow_metrics({METRIC_PREFIX + k: v for k, v in metrics.items()}, 0, now))
+    mlflow.log_metrics(metrics, step=0, run_id=run_id, timestamp=now, model_id=model_id, dataset=dataset,
+                       synchronous=True)
     client.log_artifacts(run_id, str(out_dir), artifact_path="evaluate")
     if rows:
         cols = ["sampler", "steps", "num_samples", "frechet_distance", "class_accuracy", "inception_score",

@@ -128,7 +128,8 @@ def reference_task(data_json: dict, cache_dir: str, ev_json: dict, threads: int)
                                  "the real-vs-real baseline is not computed"
     state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
     return {"state": state, "config": net.config, "classifier": info, "mu": mu, "sigma": sigma,
-            "metrics": metrics, "notes": notes, "num_held_out": len(x_ho), "num_train": len(x_tr)}
+            "metrics": metrics, "notes": notes, "num_held_out": len(x_ho), "held_out_split": held_out_split,
+            "num_train": len(x_tr)}
 
 
 def sampler_task(model: dict, ref: dict | None, spec_json: dict, ev_json: dict, num_samples: int,

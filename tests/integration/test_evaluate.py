@@ -107,6 +107,21 @@ def _version_tags(cfg, version: str) -> dict[str, str]:
     return dict(mlflow.MlflowClient().get_model_version(cfg.registry.model_name, version).tags)
 
 
+def _model_id(client, cfg, version: str) -> str:
+    from pipelines.evaluate.gate import version_model_id
+
+    return version_model_id(client.get_model_version(cfg.registry.model_name, version))
+
+
+def _logged_model_metrics(client, cfg, version: str) -> dict[str, float]:
+    """The newest value of each metric logged against the version's LoggedModel."""
+    latest: dict[str, tuple[int, float]] = {}
+    for m in client.get_logged_model(_model_id(client, cfg, version)).metrics:
+        if m.key not in latest or m.timestamp >= latest[m.key][0]:
+            latest[m.key] = (m.timestamp, m.value)
+    return {k: v for k, (_, v) in latest.items()}
+
+
 def test_gate_promotes_first_rejects_worse_promotes_better(gate_setup, tiny_data):
     from pipelines.evaluate import evaluate, promote
 
@@ -142,20 +157,35 @@ def test_gate_promotes_first_rejects_worse_promotes_better(gate_setup, tiny_data
 
     tags = _version_tags(cfg, reg["untrained"].version)
     assert "does not beat" in tags["rejected"] and "frechet_distance" in tags["rejected"]
-    assert float(tags["promotion.value"]) == pytest.approx(fd["untrained"])
-    assert float(tags["promotion.champion_value"]) == pytest.approx(fd["first"])
-    assert tags["promotion.decision"] == "rejected"
+    assert untrained.value == pytest.approx(fd["untrained"]) and untrained.champion_value == pytest.approx(fd["first"])
+    assert tags["decision"] == "rejected" and f"{fd['untrained']:.6g}" in tags["primary_metric"]
+    assert tags["compared_with"].startswith(f"v{reg['first'].version} (frechet_distance = {fd['first']:.6g})")
     desc = client.get_model_version(name, reg["untrained"].version).description
     assert "rejected" in desc and f"{fd['untrained']:.6g}" in desc and f"{fd['first']:.6g}" in desc
     tags = _version_tags(cfg, reg["better"].version)
-    assert tags["promotion.decision"] == "promoted" and "rejected" not in tags
-    assert float(tags["promotion.champion_value"]) == pytest.approx(fd["first"])
+    assert tags["decision"] == "promoted" and "rejected" not in tags
+    assert better.champion_value == pytest.approx(fd["first"])
     assert _version_tags(cfg, reg["first"].version)["superseded_by"] == reg["better"].version
+    # the version keeps a few tags a human reads; the numbers live on its LoggedModel, under the run's names
+    for key in ("first", "untrained", "better"):
+        tags = _version_tags(cfg, reg[key].version)
+        assert not any(k.startswith(("eval.", "promotion.")) for k in tags), tags
+        assert len(tags) <= 6, tags
+        logged = _logged_model_metrics(client, cfg, reg[key].version)
+        assert logged == pytest.approx(results[key].metrics), key
+        assert logged["frechet_distance"] == pytest.approx(fd[key])
 
     # the metrics were logged on a nested evaluate run under the model's run
     run = client.get_run(results["better"].run_id)
     assert run.data.tags["mlflow.parentRunId"] == reg["better"].run_id
-    assert run.data.metrics["eval/frechet_distance"] == pytest.approx(fd["better"])
+    assert run.data.metrics["frechet_distance"] == pytest.approx(fd["better"])
+    assert run.data.tags["eval.setup"].startswith("classifier=")
+    # the evaluation run lists the model it measured and the held-out split it measured it on
+    assert [i.model_id for i in run.inputs.model_inputs] == [_model_id(client, cfg, reg["better"].version)]
+    (ds,) = [i.dataset for i in run.inputs.dataset_inputs]
+    assert (ds.name, ds.digest) == (f"{tiny_data.source}-test", tiny_data.fingerprint)
+    model = client.get_logged_model(_model_id(client, cfg, reg["better"].version))
+    assert {(m.dataset_name, m.dataset_digest) for m in model.metrics} == {(ds.name, ds.digest)}
 
     # promoting the champion again is a no-op; a higher-is-better metric is compared the other way round
     assert promote(cfg, name, reg["better"].version, results["better"].metrics).decision == "already_champion"
@@ -195,8 +225,10 @@ def test_full_evaluation_report_table_bpd_fid(gate_setup, tiny_data):
 
     client = mlflow.MlflowClient()
     run = client.get_run(reg["better"].run_id)  # logged on the given run
-    assert run.data.metrics["eval/fid"] == pytest.approx(m["fid"])
-    assert run.data.metrics["eval/bpd"] == pytest.approx(m["bpd"])
+    assert run.data.metrics["fid"] == pytest.approx(m["fid"])
+    assert run.data.metrics["bpd"] == pytest.approx(m["bpd"])
+    logged = _logged_model_metrics(client, cfg, reg["better"].version)  # the latest evaluation of the version
+    assert logged["fid"] == pytest.approx(m["fid"]) and logged["bpd"] == pytest.approx(m["bpd"])
     names = {a.path for a in client.list_artifacts(reg["better"].run_id, "evaluate")}
     assert {"evaluate/report.json", "evaluate/report.md", "evaluate/sampler_table.json",
             "evaluate/sampler_table.md", "evaluate/samples"} <= names
