@@ -140,6 +140,9 @@ class TrainConfig(_Section):
     log_every: int = Field(25, ge=1)
     checkpoint_every: int = Field(500, ge=1)
     sample_every: int = Field(1000, ge=1)
+    system_metrics: bool = Field(True, description="Log MLflow system metrics (CPU, memory, disk, network; NVIDIA "
+                                 "GPUs with the 'gpu' extra) into the training run, sampled on the rank-0 worker.")
+    system_metrics_interval_s: float = Field(10.0, gt=0, description="Seconds between system-metric samples.")
     num_to_keep: int = Field(2, ge=1)
     max_failures: int = Field(2, ge=0, description="Worker-group restarts before the run fails.")
     max_nonfinite_steps: int = Field(20, ge=1, description="Consecutive non-finite losses that stop the run.")

@@ -4,16 +4,14 @@
   ``<source>-<split>``, the data fingerprint as digest, the manifest (or shard directory) as source, and a profile
   with the counts, the image shape and the shard URIs. Training logs its train split (context ``training``),
   evaluation the held-out split its metrics were measured on (context ``evaluation``).
-- :func:`system_metrics` samples CPU, memory, disk, network (and NVIDIA GPUs when ``nvidia-ml-py`` imports) into
-  the run as ``system/...`` metrics while its block runs (MLflow's own monitor, the one behind
-  ``mlflow.start_run(log_system_metrics=True)``).
+- :func:`start_system_metrics` samples CPU, memory, disk, network (and NVIDIA GPUs when ``nvidia-ml-py`` imports)
+  into the run as ``system/...`` metrics until stopped (MLflow's own monitor, the one behind
+  ``mlflow.start_run(log_system_metrics=True)``, started here for a run that another process owns).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -69,23 +67,20 @@ def shard_dataset(data: DataResult, split: str = "train") -> ShardDataset:
     return ShardDataset(data, split)
 
 
-@contextlib.contextmanager
-def system_metrics(run_id: str, *, enabled: bool = True, interval_s: float = 10.0, node: str | None = None,
-                   tracking_uri: str | None = None) -> Iterator[None]:
-    """Log MLflow system metrics into ``run_id`` every ``interval_s`` seconds while the block runs.
+def start_system_metrics(run_id: str, *, enabled: bool = True, interval_s: float = 10.0, node: str | None = None,
+                         tracking_uri: str | None = None):
+    """Start logging MLflow system metrics into ``run_id`` every ``interval_s`` seconds; returns the monitor (call
+    ``finish()`` to stop and flush), or None when not ``enabled``.
 
-    ``node`` names the process in the metric keys (``system/<node>/cpu_utilization_percentage``); logging resumes
-    at the run's next ``system/`` step, so a restarted worker continues the series. Disabled: a no-op.
+    The monitor (a daemon thread) also stops by itself once the run is no longer RUNNING. ``node`` names the process
+    in the keys (``system/<node>/cpu_utilization_percentage``); logging resumes at the run's next ``system/`` step,
+    so a restarted worker continues the series.
     """
     if not enabled:
-        yield
-        return
+        return None
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
     monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, samples_before_logging=1,
                                    resume_logging=True, node_id=node, tracking_uri=tracking_uri)
     monitor.start()
-    try:
-        yield
-    finally:
-        monitor.finish()
+    return monitor

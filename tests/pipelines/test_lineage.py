@@ -74,22 +74,20 @@ def test_dataset_input_names_source_digest_and_counts(store):
         shard_dataset(data, "validation")
 
 
-def test_system_metrics_are_logged_while_the_block_runs(store):
-    from pipelines.lineage import system_metrics
+def test_system_metrics_are_logged_until_finished(store):
+    from pipelines.lineage import start_system_metrics
 
     _, exp, _ = store
     client = mlflow.MlflowClient()
     run_id = client.create_run(exp).info.run_id
-    with system_metrics(run_id, interval_s=0.05):
-        deadline = time.monotonic() + 60  # a bound on waiting, not an assertion on time
-        while time.monotonic() < deadline and not _system(client, run_id):
-            time.sleep(0.05)
+    monitor = start_system_metrics(run_id, interval_s=0.05)
+    deadline = time.monotonic() + 60  # a bound on waiting, not an assertion on time
+    while time.monotonic() < deadline and not _system(client, run_id):
+        time.sleep(0.05)
+    monitor.finish()
     keys = _system(client, run_id)
     assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= keys, keys
-    off = client.create_run(exp).info.run_id
-    with system_metrics(off, enabled=False, interval_s=0.05):
-        time.sleep(0.3)
-    assert not _system(client, off)
+    assert start_system_metrics(client.create_run(exp).info.run_id, enabled=False) is None
 
 
 def _system(client, run_id: str) -> set[str]:
