@@ -279,8 +279,13 @@ def _log_to_mlflow(client, run_id: str, metrics: dict[str, float], out_dir: Path
     the held-out split, which MLflow records as an input of the run along with the model); the report directory
     under ``evaluate/``, the sampler table as an MLflow table."""
     import mlflow
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
     now = int(time.time() * 1000)
+    if dataset is not None:  # with its context first; log_metrics would add it without one
+        client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(),
+                                                         tags=[InputTag(MLFLOW_DATASET_CONTEXT, "evaluation")])])
     mlflow.log_metrics(metrics, step=0, run_id=run_id, timestamp=now, model_id=model_id, dataset=dataset,
                        synchronous=True)
     client.log_artifacts(run_id, str(out_dir), artifact_path="evaluate")

@@ -182,7 +182,9 @@ def test_gate_promotes_first_rejects_worse_promotes_better(gate_setup, tiny_data
     assert run.data.tags["eval.setup"].startswith("classifier=")
     # the evaluation run lists the model it measured and the held-out split it measured it on
     assert [i.model_id for i in run.inputs.model_inputs] == [_model_id(client, cfg, reg["better"].version)]
-    (ds,) = [i.dataset for i in run.inputs.dataset_inputs]
+    (held_out,) = run.inputs.dataset_inputs
+    ds = held_out.dataset
+    assert {t.key: t.value for t in held_out.tags} == {"mlflow.data.context": "evaluation"}
     assert (ds.name, ds.digest) == (f"{tiny_data.source}-test", tiny_data.fingerprint)
     model = client.get_logged_model(_model_id(client, cfg, reg["better"].version))
     assert {(m.dataset_name, m.dataset_digest) for m in model.metrics} == {(ds.name, ds.digest)}
