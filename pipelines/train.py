@@ -141,14 +141,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     my_shards = split_shards(data.train_urls, rank, world, 0, 1)
     samples_seen, local_loss_sum = 0, 0.0
 
-    client = None
+    client = monitor = None
     if rank == 0:
         import mlflow
 
+        from pipelines.lineage import start_system_metrics
         from pipelines.tracking import mlflow_metrics
 
         mlflow.set_tracking_uri(config["tracking_uri"])
         client = mlflow.MlflowClient()
+        # CPU, memory, disk, network (and the GPUs) of rank 0's node, as system/... metrics of the run
+        monitor = start_system_metrics(config["mlflow_run_id"], enabled=tc.system_metrics,
+                                       interval_s=tc.system_metrics_interval_s, tracking_uri=config["tracking_uri"])
         client.log_param(config["mlflow_run_id"], f"threads_per_worker_rank0_attempt{resumed_from or 0}", threads)
         print(f"[train] world_size={world} device={device} threads/worker={threads} amp={use_amp} "
               f"compile={compiled} start_step={step}/{tc.max_steps}", flush=True)
@@ -269,6 +273,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                 ray.train.report({**metrics, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                                  checkpoint_dir_name=f"checkpoint_{step:08d}")
             last_ckpt_step = step
+    if monitor is not None:
+        monitor.finish()
     steady = None
     if steady_from is not None and step > steady_mark:
         steady = (step - steady_mark) * tc.batch_size * world / (time.time() - steady_from)
@@ -333,6 +339,7 @@ def run_training(cfg: PipelineConfig, data: DataResult, *, faults: FaultInjectio
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from pipelines.lineage import shard_dataset
     from pipelines.tracking import ensure_ray, find_run, flatten, setup_mlflow
 
     check_before_start(cfg, data)
@@ -350,6 +357,7 @@ def run_training(cfg: PipelineConfig, data: DataResult, *, faults: FaultInjectio
                                "torch_version": torch.__version__, "ray_version": ray.__version__,
                                "python": platform.python_version()})
             mlflow.log_text(dump_yaml(cfg), "config.yaml")
+            mlflow.log_input(shard_dataset(data, "train"), context="training")
     ensure_ray(cfg)
     storage = cfg.train.storage_path
     if storage is None:
@@ -369,6 +377,9 @@ def run_training(cfg: PipelineConfig, data: DataResult, *, faults: FaultInjectio
         ),
     )
     client = mlflow.MlflowClient()
+    # RUNNING while Ray trains (start_run's exit above, or an earlier attempt, marked it terminated): the UI shows
+    # it as running, and the system-metrics monitor on rank 0 samples only a running run.
+    client.update_run(run_id, status="RUNNING")
     started_at = time.time()
     try:
         result = trainer.fit()
