@@ -121,6 +121,23 @@ def diffusion_card(d: DiffusionConfig) -> dict[str, Any]:
     return d.model_dump(mode="json")
 
 
+def diffusion_from_card(card: dict[str, Any]) -> GaussianDiffusion:
+    """The diffusion of a registered model's config.json (validated as a DiffusionConfig)."""
+    return build_diffusion(DiffusionConfig.model_validate(card["diffusion"]))
+
+
+def _upgrade_card(card: dict[str, Any]) -> dict[str, Any]:
+    """A format-1 config.json (``create_diffusion`` keyword arguments) in format 2 (DiffusionConfig fields)."""
+    if card.get("format_version") != 1:
+        return card
+    k = card["diffusion"]
+    predict = "x0" if k.get("predict_xstart") else "v" if k.get("predict_v") else "epsilon"
+    fields = ("noise_schedule", "diffusion_steps", "learn_sigma", "sigma_small", "use_kl", "rescale_learned_sigmas")
+    diffusion = {**{f: k[f] for f in fields if f in k}, "predict": predict}
+    diffusion["sigma_small"] = diffusion.get("sigma_small", False) and not diffusion.get("learn_sigma", False)
+    return {**card, "format_version": FORMAT_VERSION, "diffusion": diffusion}
+
+
 def save_weights(state_dict: dict[str, torch.Tensor], path: str | Path) -> None:
     """A state dict as safetensors (CPU, contiguous copies; safetensors refuses views and GPU tensors)."""
     save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, str(path))
@@ -145,7 +162,7 @@ class DiffusionSampler:
     info: dict[str, Any] = field(default_factory=dict)  # registry name/version/uri/run id when known
 
     def __post_init__(self) -> None:
-        self.diffusion = build_diffusion(DiffusionConfig.model_validate(self.card["diffusion"]))
+        self.diffusion = diffusion_from_card(self.card)
         self.unet.eval().to(self.device)
 
     @property
@@ -230,7 +247,7 @@ def load_model_dir(directory: str | Path, device: str | torch.device = "cpu") ->
         d = d / "artifacts"  # a downloaded pyfunc model directory
     if not (d / CONFIG).is_file() or not (d / WEIGHTS).is_file():
         raise FileNotFoundError(f"{d} is not a registered diffusion model: expected {CONFIG} and {WEIGHTS}")
-    card = json.loads((d / CONFIG).read_text())
+    card = _upgrade_card(json.loads((d / CONFIG).read_text()))
     if card.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{d / CONFIG}: format_version {card.get('format_version')} != {FORMAT_VERSION}")
     return sampler_from_state(card, load_file(str(d / WEIGHTS)), device)

@@ -125,7 +125,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     use_amp = device.type == "cuda" and tc.mixed_precision != "no"
     amp_dtype = torch.bfloat16 if tc.mixed_precision == "bf16" else torch.float16
 
-    # Build the network, the diffusion and the training state.
+    # Build the network, the diffusion and the training state (the same initial weights on every rank).
+    torch.manual_seed(tc.seed)
     diffusion = build_diffusion(cfg.diffusion)
     unet = build_unet(cfg.model, image_size=data.image_size, channels=data.channels,
                       num_classes=data.num_classes, learn_sigma=cfg.diffusion.learn_sigma).to(device)

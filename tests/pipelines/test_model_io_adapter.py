@@ -163,3 +163,20 @@ def test_config_json_stores_the_diffusion_fields_and_rebuilds_the_same_diffusion
     sampler = load_model_dir(write_model_dir(tmp_path, unet.state_dict(), card))
     want = build_diffusion(cfg)
     assert sampler.diffusion.config == want.config and torch.equal(sampler.diffusion.betas, want.betas)
+
+
+def test_a_format_1_model_still_loads(tmp_path):
+    import json
+
+    unet = build_unet(ModelConfig(preset="custom", model_channels=32, channel_mult=[1]), image_size=8, channels=1,
+                      num_classes=0, learn_sigma=False)
+    write_model_dir(tmp_path, unet.state_dict(), {"unet": unet.config, "data": {"image_size": 8, "channels": 1}})
+    card = json.loads((tmp_path / "config.json").read_text())
+    card.update(format_version=1, diffusion={"timestep_respacing": "", "noise_schedule": "cosine",
+                                             "diffusion_steps": 100, "predict_xstart": False, "predict_v": True,
+                                             "learn_sigma": False, "sigma_small": False, "use_kl": False,
+                                             "rescale_learned_sigmas": False})
+    (tmp_path / "config.json").write_text(json.dumps(card))
+    d = load_model_dir(tmp_path).diffusion
+    assert d.model_mean_type is ModelMeanType.VELOCITY and d.num_timesteps == 100
+    assert np.allclose(d.alphas_cumprod.numpy(), _cosine_alpha_bar(100))
