@@ -94,6 +94,34 @@ class NonFiniteLossError(RuntimeError):
     """Too many consecutive non-finite losses; the last good checkpoint is left intact."""
 
 
+class AttemptStats:
+    """What this rank did since it (re)started: samples, mean loss, when the first step ended, and the
+    throughput after a short warm-up (the first fifth of the remaining steps)."""
+
+    def __init__(self, start_step: int, max_steps: int) -> None:
+        self.start_step, self.samples, self.loss_sum = start_step, 0, 0.0
+        self.first_step_at: float | None = None
+        self.steady_mark = start_step + max(1, (max_steps - start_step) // 5)
+        self.steady_from: float | None = None
+
+    def count(self, step: int, batch: int, loss: float) -> None:
+        now = time.time()
+        self.samples += batch
+        self.loss_sum += loss
+        self.first_step_at = self.first_step_at or now
+        if step == self.steady_mark:
+            self.steady_from = now
+
+    def images_per_sec(self, step: int, global_batch: int) -> float | None:
+        if self.steady_from is None or step <= self.steady_mark:
+            return None
+        return (step - self.steady_mark) * global_batch / (time.time() - self.steady_from)
+
+    def report(self, step: int) -> dict[str, Any]:
+        return {"samples_seen": self.samples, "start_step": self.start_step,
+                "local_loss_mean": self.loss_sum / max(1, step - self.start_step)}
+
+
 # ----------------------------------------------------------------------------------------------------------
 # worker side
 
@@ -168,10 +196,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
               f"compile={tc.compile} start_step={start_step}/{tc.max_steps}", flush=True)
 
     # Train.
-    window = LossWindow(diffusion.num_timesteps, time.time)
+    window, stats = LossWindow(diffusion.num_timesteps, time.time), AttemptStats(start_step, tc.max_steps)
     consecutive_bad, last_ckpt_step, grad_norm, metrics = 0, start_step, torch.tensor(0.0), {}
-    samples_seen, local_loss_sum, first_step_at, steady_from = 0, 0.0, None, None
-    steady_mark = start_step + max(1, (tc.max_steps - start_step) // 5)  # throughput after a short warm-up
     model.train()
     while state.step < tc.max_steps:
         # Draw a batch and its timesteps; the importance-weighted loss.
@@ -213,10 +239,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         loss_value = loss.item()
         state.losses.add(state.step, loss_value)
         window.add(loss_value, t, per_example)
-        samples_seen += x.shape[0]
-        local_loss_sum += loss_value
-        first_step_at = first_step_at or time.time()
-        steady_from = time.time() if state.step == steady_mark else steady_from
+        stats.count(state.step, x.shape[0], loss_value)
         after_step(state.step)
         last = state.step == tc.max_steps
 
@@ -230,19 +253,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 
         # Save a checkpoint.
         if state.step % tc.checkpoint_every == 0 or last:
-            report = {"shards": my_shards, "samples_seen": samples_seen, "start_step": start_step,
-                      "start_noise": start_noise, "noise_probe": noise_probe(device),
-                      "local_loss_mean": local_loss_sum / max(1, state.step - start_step)}
+            report = {**stats.report(state.step), "shards": my_shards, "start_noise": start_noise,
+                      "noise_probe": noise_probe(device)}
             _save_checkpoint(state, cfg, data, run_id, report, rank=rank, world=world, device=device,
                              name=checkpoint_name(state.step, taken), metrics=metrics)
             last_ckpt_step = state.step
 
     # Done: what the driver reports.
-    steady = None
-    if steady_from is not None and state.step > steady_mark:
-        steady = (state.step - steady_mark) * tc.batch_size * world / (time.time() - steady_from)
-    return {"step": state.step, "resumed_from": start_step if resumed else None,
-            "final_loss": state.losses.last, "first_step_at": first_step_at, "images_per_sec": steady,
+    return {"step": state.step, "resumed_from": start_step if resumed else None, "final_loss": state.losses.last,
+            "first_step_at": stats.first_step_at, "images_per_sec": stats.images_per_sec(state.step, tc.batch_size * world),
             "steps_run": state.step - start_step}
 
 

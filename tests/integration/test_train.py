@@ -159,14 +159,14 @@ def test_registration_killed_between_steps_resumes_without_a_duplicate(trained_m
     assert proc.returncode == 1 and "driver exits after creating version 1" in proc.stdout, proc.stderr[-3000:]
     assert "not killed" not in proc.stdout
     versions = client.search_model_versions("name='killed-registration'")
-    assert [v.version for v in versions] == ["1"] and versions[0].tags["idempotence_key"] == f"{run_id}:40"
+    assert [str(v.version) for v in versions] == ["1"] and versions[0].tags["idempotence_key"] == f"{run_id}:40"
     assert not client.get_registered_model("killed-registration").aliases
 
     mlflow.set_tracking_uri(cfg.tracking_uri)
     again = register_trained(cfg, out, model_dir)  # the resumed run registers the same (run, step)
     assert again.model_version == "1"
-    assert [v.version for v in client.search_model_versions("name='killed-registration'")] == ["1"]
-    assert client.get_model_version_by_alias("killed-registration", "latest-trained").version == "1"
+    assert [str(v.version) for v in client.search_model_versions("name='killed-registration'")] == ["1"]
+    assert str(client.get_model_version_by_alias("killed-registration", "latest-trained").version) == "1"
     # a further step is a new key and a new version
     later = register_trained(cfg, out.model_copy(update={"steps": 41}), model_dir)
     assert later.model_version == "2"
