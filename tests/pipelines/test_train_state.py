@@ -185,3 +185,21 @@ def test_loss_window_means_per_quarter_of_T():
     assert out == {"loss": 2.0, "steps": 2.0, "seconds": 10.0, "loss_q0": 3.0, "loss_q1": 2.0, "loss_q2": 7.0,
                    "loss_q3": 3.0}
     assert w.steps == 0 and w.t0 == 10.0
+
+
+def test_the_cuda_generator_state_is_saved_and_restored_per_rank(tmp_path, monkeypatch):
+    # no GPU here: the CUDA generator calls are stood in for, to see that each rank's device state travels
+    cuda0 = torch.device("cuda", 0)
+    states = {1: torch.tensor([1, 2, 3], dtype=torch.uint8), 0: torch.tensor([9, 9], dtype=torch.uint8)}
+    restored: list[tuple[torch.Tensor, torch.device]] = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: states[current])
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda st, device: restored.append((st, device)))
+    a, _ = _state(0)
+    for current in (0, 1):
+        a.save(tmp_path / f"r{current}", rank=current, world_size=2, device=cuda0)
+    for current in (0, 1):  # merge the two ranks' parts as Ray does
+        for f in (tmp_path / f"r{current}").iterdir():
+            f.rename(tmp_path / f.name)
+    for rank in (0, 1):
+        assert _state(1)[0].load(tmp_path, rank=rank, device=cuda0) is True
+    assert [(s.tolist(), d) for s, d in restored] == [([9, 9], cuda0), ([1, 2, 3], cuda0)]
