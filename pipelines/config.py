@@ -85,21 +85,26 @@ class DataConfig(_Section):
     )
 
 
+_ARCH = "Architecture field: under a preset leave it unset (or give the preset's value); under 'custom' None means the quickstart value."
+
+
 class ModelConfig(_Section):
     preset: Literal["quickstart", "ddpm_cifar10", "custom"] = Field(
         "quickstart",
-        description="UNet preset; a preset fixes the architecture (channels, mult, blocks, attention, heads), "
-        "'custom' takes them from the fields below. dropout, label dropout and memory options always apply.",
+        description="UNet preset; a preset fixes the architecture fields (model_channels .. resblock_updown) and "
+        "refuses different values for them; 'custom' starts from the quickstart architecture and takes every "
+        "architecture field that is set. dropout, label dropout and memory options always apply.",
     )
-    model_channels: int = Field(32, gt=0)
-    channel_mult: list[int] = Field([1, 2, 2])
-    num_res_blocks: int = Field(1, gt=0)
-    attention_resolutions: list[int] = Field([8], description="Feature-map sizes (pixels) with self-attention.")
+    model_channels: int | None = Field(None, gt=0, description=_ARCH + " Quickstart: 32.")
+    channel_mult: list[int] | None = Field(None, min_length=1, description=_ARCH + " Quickstart: [1, 2, 2].")
+    num_res_blocks: int | None = Field(None, gt=0, description=_ARCH + " Quickstart: 1.")
+    attention_resolutions: list[int] | None = Field(
+        None, description="Feature-map sizes (pixels) with self-attention. " + _ARCH + " Quickstart: [image_size/2].")
+    num_heads: int | None = Field(None, gt=0, description=_ARCH + " Quickstart: 2.")
+    head_channels: int | None = Field(None, description="Channels per head; -1: use num_heads. " + _ARCH)
+    use_scale_shift_norm: bool | None = Field(None, description="AdaGN (Dhariwal & Nichol 2021). " + _ARCH)
+    resblock_updown: bool | None = Field(None, description="Resample inside ResBlocks (BigGAN style). " + _ARCH)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    num_heads: int = Field(1, gt=0)
-    head_channels: int = Field(-1, description="-1: use num_heads; otherwise channels per head.")
-    use_scale_shift_norm: bool = False
-    resblock_updown: bool = False
     class_conditional: bool = Field(True, description="Condition on labels (needs a labelled dataset).")
     class_dropout_prob: float = Field(0.1, ge=0.0, le=1.0, description="Label dropout for classifier-free guidance.")
     use_checkpoint: bool = Field(False, description="Gradient checkpointing (saves memory, costs compute).")
@@ -117,8 +122,20 @@ class DiffusionConfig(_Section):
     sigma_small: bool = Field(False, description="Fixed variance: small (posterior) instead of large (beta).")
     use_kl: bool = False
     rescale_learned_sigmas: bool = False
-    timestep_sampler: Literal["uniform", "loss-second-moment"] = "uniform"
+    timestep_sampler: Literal["uniform", "loss-second-moment"] = Field(
+        "uniform", description="Training-time distribution of t: uniform, or importance sampling by the loss "
+        "second moment (Nichol & Dhariwal 2021, Sec. 3.3).")
     min_snr_gamma: float | None = Field(None, gt=0, description="Min-SNR-gamma loss weighting (Hang et al. 2023).")
+
+    @model_validator(mode="after")
+    def _no_ignored_fields(self) -> DiffusionConfig:
+        # a field that another one overrides would do nothing: refuse the combination instead
+        if self.learn_sigma and self.sigma_small:
+            raise ValueError("diffusion.sigma_small applies to a fixed variance; it has no effect with "
+                             "diffusion.learn_sigma=true")
+        if self.use_kl and self.rescale_learned_sigmas:
+            raise ValueError("diffusion.rescale_learned_sigmas has no effect with diffusion.use_kl=true")
+        return self
 
 
 class TrainConfig(_Section):

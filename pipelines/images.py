@@ -10,9 +10,17 @@ import numpy as np
 import torch
 from PIL import Image
 
+# DDPM's data scaling (Ho et al. 2020, Sec. 3.3): uint8 pixels p -> p / 127.5 - 1 in [-1, 1].
+NORMALISATION = "pixels / 127.5 - 1 (range [-1, 1])"
+
+
+def from_uint8(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 (0..255) tensor -> float32 in [-1, 1], same shape (the one normalisation; see NORMALISATION)."""
+    return pixels.float().div_(127.5).sub_(1.0)
+
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """[-1, 1] float [B,C,H,W] -> uint8 [B,H,W,C] (the inverse of the loader's x/127.5 - 1)."""
+    """[-1, 1] float [B,C,H,W] -> uint8 [B,H,W,C] (the inverse of :func:`from_uint8`)."""
     x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return x.permute(0, 2, 3, 1).numpy()
 

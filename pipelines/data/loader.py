@@ -50,6 +50,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from torch.utils.data import IterableDataset, get_worker_info
 
 from pipelines.data.manifest import read_manifest
+from pipelines.images import from_uint8
 
 log = logging.getLogger(__name__)
 IMAGE_KEYS = ("png", "jpg", "jpeg")
@@ -330,7 +331,7 @@ def _collate(samples: list[tuple[np.ndarray, int]]) -> tuple[torch.Tensor, torch
 
 def _finish(src: Iterator, flip: bool, rng: np.random.Generator):
     for images, labels in src:
-        x = images.float().div_(127.5).sub_(1.0)  # uint8 0..255 -> [-1, 1] (DDPM, Ho et al. 2020, Sec. 3.3)
+        x = from_uint8(images)
         if flip:
             mask = torch.from_numpy(rng.random(len(x)) < 0.5)
             x[mask] = x[mask].flip(-1)
