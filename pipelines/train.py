@@ -180,7 +180,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     loader = make_loader(data.train_urls, rank=rank, world_size=world, batch_size=tc.batch_size,
                          num_workers=cfg.data.loader_workers, resampled=True, shuffle_buffer=cfg.data.shuffle_buffer,
                          random_flip=cfg.data.random_flip, channels=data.channels, seed=state.data_seed,
-                         on_error=cfg.data.on_error)
+                         on_error=cfg.data.on_error, image_size=data.image_size, num_classes=data.num_classes)
     batches = iter(loader)
     my_shards = split_shards(data.train_urls, rank, world, 0, 1)
 
