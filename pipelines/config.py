@@ -107,7 +107,7 @@ class DataConfig(_Section):
     )
     prepare_tasks: int | None = Field(
         None, ge=1, description="Parallel Ray tasks writing shards (the bytes do not depend on it). None: one per "
-        "CPU of the running Ray cluster, serial when Ray is not running; 1: serial, in this process.",
+        "CPU of the running Ray cluster for sources of 10,000+ images, else serial; 1: serial, in this process.",
     )
 
 

@@ -74,7 +74,7 @@ def read_record(cfg: PipelineConfig, stage: str) -> StageRecord | None:
     counts as not done, so the stage re-runs and its next record replaces it."""
     uri = _record_uri(cfg, stage)
     try:
-        return StageRecord.model_validate_json(storage.read_bytes(uri))
+        return StageRecord.model_validate(storage.read_json(uri))
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as e:

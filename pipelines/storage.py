@@ -31,7 +31,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
@@ -110,6 +110,24 @@ def read_bytes(uri: str | Path) -> bytes:
     """The whole file/object; FileNotFoundError when it does not exist."""
     with open_input(uri) as f:
         return f.read()
+
+
+def read_json(uri: str | Path, *, attempts: int = 4) -> Any:
+    """Parse a JSON file/object; FileNotFoundError when missing, ValueError when it stays unparseable.
+
+    pyarrow reads an object as a HEAD (its size) and then ranged GETs, so a read racing an overwrite can return
+    a torn mix of two versions (the new bytes cut or padded to the old size). That never parses, so a parse
+    failure is retried a few times before the object is called corrupt.
+    """
+    for attempt in range(attempts):
+        data = read_bytes(uri)
+        try:
+            return json.loads(data)
+        except ValueError:
+            if attempt == attempts - 1 or not is_object_uri(uri):
+                raise
+            time.sleep(0.05 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def exists(uri: str | Path) -> bool:
@@ -296,7 +314,7 @@ class StoreLock:
     def _read_owner(uri: str | Path) -> dict | None:
 
         try:
-            return json.loads(read_bytes(uri))
+            return read_json(uri)
         except (OSError, ValueError):
             return None
 

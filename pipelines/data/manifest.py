@@ -41,7 +41,7 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     elif Path(p).is_dir():
         p = str(Path(p) / MANIFEST_NAME)
     try:
-        m = json.loads(storage.read_bytes(p))
+        m = storage.read_json(p)
     except FileNotFoundError:
         raise ManifestError(f"manifest not found: {p}") from None
     except (OSError, ValueError) as e:

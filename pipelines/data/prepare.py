@@ -148,7 +148,8 @@ def prepare_data(cfg: PipelineConfig, *, progress: bool = True) -> DataResult:
     if not data.splits.get("train"):
         raise ValueError(f"data.path: the {d.source} source produced no training images")
     write = _write_local if not storage.is_object_uri(final) else _write_object
-    skipped = write(final, manifest, data.splits, d, _num_tasks(d), progress)
+    tasks = _num_tasks(d, sum(len(r) for r in data.splits.values()))
+    skipped = write(final, manifest, data.splits, d, tasks, progress)
     return _result(read_manifest(final), d.source, skipped=skipped)
 
 
@@ -298,13 +299,20 @@ def write_shards(out: str, splits: dict[str, list[Record]], d: DataConfig, tasks
     return result, {"mean": mean.tolist(), "std": std.tolist()}
 
 
-def _num_tasks(d: DataConfig) -> int:
-    """``data.prepare_tasks``, or one per CPU of the running Ray cluster (1 when Ray is not running)."""
+# Below this many images a serial write beats starting Ray worker processes (digits: ~2 s serial).
+PARALLEL_MIN_IMAGES = 10_000
+
+
+def _num_tasks(d: DataConfig, n_images: int) -> int:
+    """``data.prepare_tasks``; unset: one per CPU of the running Ray cluster for a source of at least
+    :data:`PARALLEL_MIN_IMAGES` images, else 1 (serial, in this process)."""
     if d.prepare_tasks is not None:
         return d.prepare_tasks
     import ray
 
-    return max(1, int(ray.cluster_resources().get("CPU", 1))) if ray.is_initialized() else 1
+    if n_images < PARALLEL_MIN_IMAGES or not ray.is_initialized():
+        return 1
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
 def _run_parallel(out: str, jobs: list[ShardJob], d: DataConfig, tasks: int, *, pin: bool):
