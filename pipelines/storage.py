@@ -9,7 +9,7 @@ S3 and GCS clients stream reads and writes without a CLI, a subprocess or anothe
 Configuration comes from the environment, as for every AWS/GCP SDK:
 
 * S3: ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` (an S3-compatible server such as MinIO or moto;
-  ``http://`` endpoints are plain HTTP), ``AWS_REGION`` / ``AWS_DEFAULT_REGION`` (default ``us-east-1``), and
+  ``http://`` endpoints are plain HTTP), ``AWS_REGION`` / ``AWS_DEFAULT_REGION`` (else the SDK's default), and
   credentials from the SDK's default chain (``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``, profile, IAM role).
   ``MLFLOW_S3_ENDPOINT_URL`` is MLflow's own setting for its artifact store and is left to MLflow.
 * GCS: application default credentials.
@@ -29,7 +29,6 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 from urllib.parse import urlparse
@@ -56,7 +55,10 @@ def check_object_uri(uri: str, *, field: str) -> str:
 
 def s3_options() -> dict[str, str]:
     """The S3 client settings taken from the environment (endpoint and region)."""
-    opts = {"region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"}
+    opts = {}
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        opts["region"] = region
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if endpoint:
         opts["endpoint_override"] = endpoint
@@ -133,14 +135,6 @@ def read_json(uri: str | Path, *, attempts: int = 4) -> Any:
 def exists(uri: str | Path) -> bool:
     fs, path = resolve(uri)
     return fs.get_file_info(path).type == pafs.FileType.File
-
-
-def size(uri: str | Path) -> int:
-    fs, path = resolve(uri)
-    info = fs.get_file_info(path)
-    if info.type != pafs.FileType.File:
-        raise FileNotFoundError(uri)
-    return int(info.size)
 
 
 def unique_suffix() -> str:
@@ -232,10 +226,6 @@ def register_webdataset_schemes() -> None:
     for scheme in OBJECT_SCHEMES:
         gopen.gopen_schemes[scheme] = _gopen_object
 
-
-def iter_chunks(stream: IO[bytes], chunk: int = 1 << 20) -> Iterator[bytes]:
-    while block := stream.read(chunk):
-        yield block
 
 
 # ------------------------------------------------------------------------------------------------ the lock
