@@ -249,7 +249,7 @@ class StoreLock:
 
     def __init__(self, uri: str | Path, *, ttl_s: float = 60.0, what: str = "lock"):
         self.uri, self.ttl_s, self.what = str(uri), ttl_s, what
-        self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "since_unix": None}
+        self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "since_unix": None, "ttl_s": ttl_s}
         self._fd: int | None = None
         self._claim: str | None = None
         self._stop = None
@@ -316,7 +316,8 @@ class StoreLock:
             who = f"pid {owner.get('pid')} on {owner.get('host')} (for {age:.0f} s)"
         return (f"{self.what} {self.uri} is held by {who}; wait for it to finish. "
                 + ("A killed holder's lock is released by the OS." if not is_object_uri(self.uri) else
-                   f"A killed holder's claim expires {self.ttl_s:.0f} s after its last renewal."))
+                   f"A killed holder's claim expires {float((owner or {}).get('ttl_s') or self.ttl_s):.0f} s "
+                   "after its last renewal."))
 
     def acquire(self) -> StoreLock:
         """Take the lock or raise :class:`LockHeld` at once (never blocks)."""
