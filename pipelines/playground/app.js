@@ -215,6 +215,7 @@
     running = true;
     $("generate").disabled = true;
     $("preview").replaceChildren();
+    $("preview-step").textContent = "";
     $("result").replaceChildren();
     $("result-meta").textContent = "";
     const progress = $("progress");
@@ -238,6 +239,7 @@
         } else if (event === "preview") {
           showImages($("preview"), data.images, labelsOf(body, data.images.length));
           progress.value = data.step / data.total;
+          $("preview-step").textContent = `(x\u2080 prediction after step ${data.step} of ${data.total})`;
           setState("running", `step ${data.step} of ${data.total}`);
         } else if (event === "final") {
           final = data;

@@ -189,6 +189,7 @@ def run_load_and_predict(python: str, model_dir: Path, req: dict, cwd: Path) -> 
     proc = subprocess.run([python, "-c", LOAD_AND_PREDICT, str(model_dir), json.dumps(req)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "WARNING" not in proc.stderr and "Warning:" not in proc.stderr, proc.stderr[-4000:]  # no load warning
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
