@@ -33,6 +33,7 @@ CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 WAIT_MS = 300_000
+SETTLE_MS = 3_000
 
 
 def playground(page, endpoint: str, query: dict[str, object], out: Path) -> Path:
@@ -59,25 +60,31 @@ def model_version(tracking_uri: str | None, model: str | None, endpoint: str | N
         mv = client.get_model_version(info["name"], info["version"])
     run = client.get_run(mv.run_id)
     return {"name": mv.name, "version": str(mv.version), "run_id": mv.run_id,
-            "experiment_id": run.info.experiment_id}
+            "experiment_id": run.info.experiment_id, "run_name": run.info.run_name or mv.run_id}
+
+
+# MLflow 3.17's UI opens an "MLflow Assistant" side panel over a third of the page on first load; these are the
+# browser-storage flags it keeps once a user has closed it (unknown keys are ignored by other versions).
+HIDE_ASSISTANT = ("localStorage.setItem('mlflow.assistant.panelOpen_v1', 'false');"
+                  "localStorage.setItem('mlflow.assistant.fab.autoOpenedOnFirstLoad_v1', 'true');")
 
 
 def mlflow_pages(page, ui: str, mv: dict[str, str], out: Path) -> list[Path]:
     """The run page and the model-version page of the MLflow UI (a single-page app: wait for its content)."""
     ui = ui.rstrip("/")
     shots = [
-        ("mlflow_run.png", f"{ui}/#/experiments/{mv['experiment_id']}/runs/{mv['run_id']}", mv["run_id"][:8]),
+        ("mlflow_run.png", f"{ui}/#/experiments/{mv['experiment_id']}/runs/{mv['run_id']}", mv["run_name"]),
         ("mlflow_model.png", f"{ui}/#/models/{quote(mv['name'])}/versions/{mv['version']}",
          f"Version {mv['version']}"),
     ]
     paths = []
     for name, url, text in shots:
-        page.goto(url)
-        page.wait_for_load_state("networkidle", timeout=WAIT_MS)
-        try:
-            page.get_by_text(text, exact=False).first.wait_for(timeout=30_000)
-        except Exception:  # the page layout changed between MLflow versions: shoot what is there
+        page.goto(url, wait_until="load")
+        try:  # the UI keeps polling (never "network idle"): wait for the page's own text instead
+            page.get_by_text(text, exact=False).first.wait_for(timeout=60_000)
+        except Exception:  # the layout changed between MLflow versions: shoot what is there
             print(f"note: {text!r} not found on {url}", file=sys.stderr)
+        page.wait_for_timeout(SETTLE_MS)  # let charts and lazy panels draw
         paths.append(out / name)
         page.screenshot(path=str(paths[-1]), full_page=False)
     return paths
@@ -110,8 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     taken = []
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_context(viewport={"width": args.width, "height": args.height},
-                                   device_scale_factor=1).new_page()
+        context = browser.new_context(viewport={"width": args.width, "height": args.height}, device_scale_factor=1)
+        context.add_init_script(HIDE_ASSISTANT)
+        page = context.new_page()
         if args.endpoint:
             taken.append(playground(page, args.endpoint, query, args.out))
         if args.mlflow_ui:
