@@ -3,7 +3,7 @@
 A registered model is an MLflow pyfunc model (``DiffusionPyfunc``) whose artifacts are
 
 - ``weights.safetensors``: the (EMA) UNet weights,
-- ``config.json``: ``{"format_version", "unet": UNet config, "diffusion": create_diffusion kwargs,
+- ``config.json``: ``{"format_version", "unet": UNet config, "diffusion": the DiffusionConfig fields,
   "data": image size, channels, classes, normalisation, fingerprint, "training": steps, run id, ...}``.
 
 ``load_model(uri)`` turns any model URI (``models:/name@alias``, ``models:/name/3``, ``runs:/id/model`` or a local
@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import re
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,57 +25,117 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 
-from diffusion_core import create_diffusion
+from diffusion_core import (
+    GaussianDiffusion,
+    LossType,
+    ModelMeanType,
+    ModelVarType,
+    ScheduleSampler,
+    create_named_schedule_sampler,
+    get_named_beta_schedule,
+)
 from diffusion_core.guidance import ClassifierFreeGuidance
 from diffusion_core.models import UNet
 from diffusion_core.samplers import sample as core_sample
 from diffusion_core.samplers import sample_progressive as core_sample_progressive
-from pipelines.config import DiffusionConfig, ModelConfig
+from pipelines.config import ConfigError, DiffusionConfig, ModelConfig
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: config.json's "diffusion" holds the DiffusionConfig fields (1 held create_diffusion kwargs)
 WEIGHTS = "weights.safetensors"
 CONFIG = "config.json"
 MODEL_NAME_IN_RUN = "model"
-# The loader's normalisation: uint8 pixels p -> p / 127.5 - 1, so samples live in [-1, 1].
-NORMALISATION = {"scale": 1 / 127.5, "shift": -1.0, "range": [-1.0, 1.0]}
 
+# ----------------------------------------------------------------------------------------------------------
+# The one adapter from config to core. Config spellings stay as users write them; the core's enums are the
+# vocabulary, and these tables are the only place that translates one into the other.
 
+PREDICTION = {"epsilon": ModelMeanType.EPSILON, "x0": ModelMeanType.START_X, "v": ModelMeanType.VELOCITY}
 ARCH_FIELDS = ("model_channels", "channel_mult", "num_res_blocks", "attention_resolutions", "num_heads",
                "head_channels", "use_scale_shift_norm", "resblock_updown")
 
 
-def build_unet(model: ModelConfig, *, image_size: int, channels: int, num_classes: int, learn_sigma: bool) -> UNet:
-    """UNet for the data's shape. A preset fixes the architecture fields; dropout, label dropout, checkpointing
-    and memory format always come from the model section."""
-    classes = num_classes if (model.class_conditional and num_classes > 0) else None
-    if model.preset == "quickstart":
-        arch = UNet.quickstart(image_size=image_size, in_channels=channels, num_classes=classes).config
-    elif model.preset == "ddpm_cifar10":
-        arch = UNet.ddpm_cifar10().config  # also its diffusers-compatible norm eps, padding and embedding flags
+def build_diffusion(d: DiffusionConfig) -> GaussianDiffusion:
+    """The diffusion a config section describes: betas of ``noise_schedule`` over ``diffusion_steps``, the
+    prediction target, the variance (LEARNED_RANGE, or FIXED_SMALL / FIXED_LARGE), the loss (RESCALED_KL,
+    RESCALED_MSE or MSE, as DiT's ``create_diffusion``) and the optional min-SNR-gamma weighting."""
+    if d.learn_sigma:
+        var_type = ModelVarType.LEARNED_RANGE
     else:
-        arch = {k: getattr(model, k) for k in ARCH_FIELDS}
-    return UNet(**{
-        **arch,
+        var_type = ModelVarType.FIXED_SMALL if d.sigma_small else ModelVarType.FIXED_LARGE
+    if d.use_kl:
+        loss_type = LossType.RESCALED_KL
+    else:
+        loss_type = LossType.RESCALED_MSE if d.rescale_learned_sigmas else LossType.MSE
+    return GaussianDiffusion(betas=get_named_beta_schedule(d.noise_schedule, d.diffusion_steps),
+                             model_mean_type=PREDICTION[d.predict], model_var_type=var_type, loss_type=loss_type,
+                             snr_gamma=d.min_snr_gamma)
+
+
+def build_timestep_sampler(d: DiffusionConfig, diffusion: GaussianDiffusion) -> ScheduleSampler:
+    """The training-time distribution of t (``diffusion.timestep_sampler``) for ``diffusion``."""
+    return create_named_schedule_sampler(d.timestep_sampler, diffusion)
+
+
+def preset_architecture(preset: str, *, image_size: int, channels: int, num_classes: int | None) -> dict[str, Any]:
+    """The full UNet config of a preset ('custom' starts from 'quickstart'), built on the meta device (no memory,
+    no initialisation)."""
+    with torch.device("meta"):
+        if preset == "ddpm_cifar10":
+            return UNet.ddpm_cifar10().config  # also its diffusers-compatible norm eps, padding, embedding flags
+        return UNet.quickstart(image_size=image_size, in_channels=channels, num_classes=num_classes).config
+
+
+def unet_config(model: ModelConfig, *, image_size: int, channels: int, num_classes: int,
+                learn_sigma: bool) -> dict[str, Any]:
+    """``UNet`` keyword arguments for a model section and the data's shape.
+
+    A preset fixes the architecture fields: one set to a different value raises ConfigError naming it. Under
+    'custom' every architecture field that is set replaces the quickstart value. dropout, label dropout,
+    checkpointing and memory format always come from the model section."""
+    classes = num_classes if (model.class_conditional and num_classes > 0) else None
+    arch = preset_architecture(model.preset, image_size=image_size, channels=channels, num_classes=classes)
+    chosen = {k: getattr(model, k) for k in ARCH_FIELDS if getattr(model, k) is not None}
+    if model.preset != "custom":
+        bad = {k: v for k, v in chosen.items() if v != arch[k]}
+        if bad:
+            raise ConfigError("; ".join(f"model.{k}={v!r} conflicts with model.preset='{model.preset}' (which "
+                                        f"fixes {arch[k]!r})" for k, v in bad.items())
+                              + ": remove the field or set model.preset=custom")
+    return {
+        **arch, **chosen,
         "image_size": image_size, "in_channels": channels, "out_channels": channels, "num_classes": classes,
         "learn_sigma": learn_sigma, "dropout": model.dropout,
         "class_dropout_prob": model.class_dropout_prob if classes else 0.0,
         "use_checkpoint": model.use_checkpoint, "channels_last": model.channels_last,
-    })
+    }
 
 
-def diffusion_kwargs(d: DiffusionConfig) -> dict[str, Any]:
-    """``create_diffusion`` keyword arguments for a diffusion section (stored verbatim in config.json)."""
-    return dict(
-        timestep_respacing="",
-        noise_schedule=d.noise_schedule,
-        diffusion_steps=d.diffusion_steps,
-        predict_xstart=d.predict == "x0",
-        predict_v=d.predict == "v",
-        learn_sigma=d.learn_sigma,
-        sigma_small=d.sigma_small,
-        use_kl=d.use_kl,
-        rescale_learned_sigmas=d.rescale_learned_sigmas,
-    )
+def build_unet(model: ModelConfig, *, image_size: int, channels: int, num_classes: int, learn_sigma: bool) -> UNet:
+    """The UNet of a model section for the data's shape (see :func:`unet_config`)."""
+    return UNet(**unet_config(model, image_size=image_size, channels=channels, num_classes=num_classes,
+                              learn_sigma=learn_sigma))
+
+
+def diffusion_card(d: DiffusionConfig) -> dict[str, Any]:
+    """The ``diffusion`` section of config.json: the DiffusionConfig fields, as configured."""
+    return d.model_dump(mode="json")
+
+
+def diffusion_from_card(card: dict[str, Any]) -> GaussianDiffusion:
+    """The diffusion of a registered model's config.json (validated as a DiffusionConfig)."""
+    return build_diffusion(DiffusionConfig.model_validate(card["diffusion"]))
+
+
+def _upgrade_card(card: dict[str, Any]) -> dict[str, Any]:
+    """A format-1 config.json (``create_diffusion`` keyword arguments) in format 2 (DiffusionConfig fields)."""
+    if card.get("format_version") != 1:
+        return card
+    k = card["diffusion"]
+    predict = "x0" if k.get("predict_xstart") else "v" if k.get("predict_v") else "epsilon"
+    fields = ("noise_schedule", "diffusion_steps", "learn_sigma", "sigma_small", "use_kl", "rescale_learned_sigmas")
+    diffusion = {**{f: k[f] for f in fields if f in k}, "predict": predict}
+    diffusion["sigma_small"] = diffusion.get("sigma_small", False) and not diffusion.get("learn_sigma", False)
+    return {**card, "format_version": FORMAT_VERSION, "diffusion": diffusion}
 
 
 def save_weights(state_dict: dict[str, torch.Tensor], path: str | Path) -> None:
@@ -101,7 +162,7 @@ class DiffusionSampler:
     info: dict[str, Any] = field(default_factory=dict)  # registry name/version/uri/run id when known
 
     def __post_init__(self) -> None:
-        self.diffusion = create_diffusion(**self.card["diffusion"])
+        self.diffusion = diffusion_from_card(self.card)
         self.unet.eval().to(self.device)
 
     @property
@@ -186,7 +247,7 @@ def load_model_dir(directory: str | Path, device: str | torch.device = "cpu") ->
         d = d / "artifacts"  # a downloaded pyfunc model directory
     if not (d / CONFIG).is_file() or not (d / WEIGHTS).is_file():
         raise FileNotFoundError(f"{d} is not a registered diffusion model: expected {CONFIG} and {WEIGHTS}")
-    card = json.loads((d / CONFIG).read_text())
+    card = _upgrade_card(json.loads((d / CONFIG).read_text()))
     if card.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{d / CONFIG}: format_version {card.get('format_version')} != {FORMAT_VERSION}")
     return sampler_from_state(card, load_file(str(d / WEIGHTS)), device)
@@ -254,29 +315,49 @@ class RegisteredModel:
     run_id: str
 
 
+IDEMPOTENCE_TAG = "idempotence_key"
+
+
+def find_version(model_name: str, idempotence_key: str) -> str | None:
+    """The version of ``model_name`` created with this idempotence key (None when there is none)."""
+    client = mlflow.MlflowClient()
+    try:
+        found = client.search_model_versions(f"name='{model_name}' and tags.{IDEMPOTENCE_TAG}='{idempotence_key}'")
+    except mlflow.exceptions.MlflowException:
+        return None  # no such registered model yet
+    return str(min(int(v.version) for v in found)) if found else None
+
+
 def log_and_register(state_dict: dict[str, torch.Tensor], card: dict[str, Any], *, run_id: str, model_name: str,
-                     tags: dict[str, str] | None = None, alias: str | None = None) -> RegisteredModel:
+                     tags: dict[str, str] | None = None, alias: str | None = None,
+                     idempotence_key: str | None = None,
+                     after_create: Callable[[str], None] | None = None) -> RegisteredModel:
     """Log the pyfunc model to ``run_id`` and register it as a new version of ``model_name`` (with tags/alias).
 
-    Uses the tracking URI already set with ``mlflow.set_tracking_uri``.
+    With ``idempotence_key`` the version carries it (tag ``idempotence_key``) from the moment it is created, and
+    a version that already carries it is reused instead: a registration killed at any point and run again leaves
+    exactly one version. ``after_create(version)`` runs between creating the version and moving the alias (for
+    fault drills). Uses the tracking URI already set with ``mlflow.set_tracking_uri``.
     """
-    with tempfile.TemporaryDirectory() as tmp:
-        d = write_model_dir(tmp, state_dict, card)
-        with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
-            info = mlflow.pyfunc.log_model(
-                name=MODEL_NAME_IN_RUN,
-                python_model=DiffusionPyfunc(),
-                artifacts={"weights": str(d / WEIGHTS), "config": str(d / CONFIG)},
-                signature=_signature(),
-                registered_model_name=model_name,
-                pip_requirements=["diffusion-pipeline", "torch", "safetensors", "pillow"],
-            )
-    client = mlflow.MlflowClient()
-    version = str(info.registered_model_version)
-    for k, v in (tags or {}).items():
-        client.set_model_version_tag(model_name, version, k, str(v))
+    version = find_version(model_name, idempotence_key) if idempotence_key else None
+    if version is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            d = write_model_dir(tmp, state_dict, card)
+            with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
+                info = mlflow.pyfunc.log_model(
+                    name=MODEL_NAME_IN_RUN,
+                    python_model=DiffusionPyfunc(),
+                    artifacts={"weights": str(d / WEIGHTS), "config": str(d / CONFIG)},
+                    signature=_signature(),
+                    pip_requirements=["diffusion-pipeline", "torch", "safetensors", "pillow"],
+                )
+        all_tags = {**(tags or {}), **({IDEMPOTENCE_TAG: idempotence_key} if idempotence_key else {})}
+        mv = mlflow.register_model(info.model_uri, model_name, tags={k: str(v) for k, v in all_tags.items()})
+        version = str(mv.version)
+        if after_create is not None:
+            after_create(version)
     if alias:
-        client.set_registered_model_alias(model_name, alias, version)
+        mlflow.MlflowClient().set_registered_model_alias(model_name, alias, version)
     return RegisteredModel(name=model_name, version=version, uri=f"models:/{model_name}/{version}", run_id=run_id)
 
 

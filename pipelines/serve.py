@@ -23,7 +23,7 @@ import time
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 from ray import serve
 from ray.serve.exceptions import BackPressureError
@@ -158,10 +158,13 @@ def _sse(event: str, data: dict[str, Any]) -> str:
 class DiffusionIngress:
     """HTTP face: validation, PNG encoding, 503 on backpressure, SSE streaming."""
 
-    def __init__(self, model: DeploymentHandle, serve_cfg: dict[str, Any]) -> None:
+    def __init__(self, model: DeploymentHandle, serve_cfg: dict[str, Any], tracking_uri: str | None = None) -> None:
+        from pipelines.playground import mlflow_ui_url
+
         self.model = model
         self.cfg = ServeConfig(**serve_cfg)
         self._info: ModelInfo | None = None
+        self.mlflow_ui = mlflow_ui_url(tracking_uri)
 
     async def info(self) -> ModelInfo:
         if self._info is None:
@@ -184,6 +187,13 @@ class DiffusionIngress:
 
     def _ref(self, info: ModelInfo) -> ModelRef:
         return ModelRef(name=info.name, version=info.version, uri=info.uri)
+
+    @api.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def playground(self) -> HTMLResponse:
+        """The playground page (pipelines/playground): form, live previews, final grid."""
+        from pipelines.playground import render_page
+
+        return HTMLResponse(render_page(self.mlflow_ui))
 
     @api.get("/healthz", responses={503: _ERRORS[503]})
     async def healthz(self):
@@ -315,7 +325,7 @@ def build_app(cfg_or_args: PipelineConfig | dict[str, Any] | None = None):
     return DiffusionIngress.options(
         max_ongoing_requests=2 * capacity + 16, max_queued_requests=capacity + 16,
         ray_actor_options={"num_cpus": 0},
-    ).bind(model, s.model_dump(mode="json"))
+    ).bind(model, s.model_dump(mode="json"), cfg.tracking_uri)
 
 
 def __getattr__(name: str):

@@ -49,7 +49,9 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch.utils.data import IterableDataset, get_worker_info
 
+from pipelines import storage
 from pipelines.data.manifest import read_manifest
+from pipelines.images import from_uint8
 
 log = logging.getLogger(__name__)
 IMAGE_KEYS = ("png", "jpg", "jpeg")
@@ -121,13 +123,15 @@ def _check_clean_end(last: dict[str, bytes]) -> None:
 def iter_shard(url: str) -> Iterator[dict[str, Any]]:
     """Yield the samples of one tar shard as dicts ``{"__key__", "__url__", ext: bytes}``.
 
-    Any failure (unreadable URL, truncated or corrupt tar) raises :class:`ShardReadError` naming the shard and
-    the key being read; samples completed before the damage have already been yielded.
+    ``s3://`` / ``gs://`` shards stream through :mod:`pipelines.storage`; local paths, ``http(s)://`` and
+    ``pipe:`` through ``wds.gopen``. Any failure (unreadable URL, truncated or corrupt tar) raises
+    :class:`ShardReadError` naming the shard and the key being read; samples completed before the damage have
+    already been yielded.
     """
     key: str | None = None
     current: dict[str, Any] | None = None
     try:
-        stream = wds.gopen(url, "rb")
+        stream = storage.open_input(url) if storage.is_object_uri(url) else wds.gopen(url, "rb")
         try:
             tar = tarfile.open(fileobj=stream, mode="r|*")
             last_read = _record_last_read(tar)
@@ -330,7 +334,7 @@ def _collate(samples: list[tuple[np.ndarray, int]]) -> tuple[torch.Tensor, torch
 
 def _finish(src: Iterator, flip: bool, rng: np.random.Generator):
     for images, labels in src:
-        x = images.float().div_(127.5).sub_(1.0)  # uint8 0..255 -> [-1, 1] (DDPM, Ho et al. 2020, Sec. 3.3)
+        x = from_uint8(images)
         if flip:
             mask = torch.from_numpy(rng.random(len(x)) < 0.5)
             x[mask] = x[mask].flip(-1)

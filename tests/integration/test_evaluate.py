@@ -57,9 +57,8 @@ def _train(unet, diffusion, x, y, steps: int, seed: int) -> None:
 @pytest.fixture(scope="module")
 def gate_setup(ray_session, tiny_workspace, tiny_data):
     """Registers v1 = trained FIRST_STEPS, v2 = untrained, v3 = trained BETTER_STEPS (one run each)."""
-    from diffusion_core import create_diffusion
     from pipelines.data import load_split_tensors
-    from pipelines.model_io import build_unet, diffusion_kwargs, log_and_register
+    from pipelines.model_io import build_diffusion, build_unet, log_and_register
     from pipelines.tracking import setup_mlflow
     from pipelines.train import model_card
 
@@ -74,7 +73,7 @@ def gate_setup(ray_session, tiny_workspace, tiny_data):
     torch.set_num_threads(1)  # two cores, Ray workers alongside: one thread trains fastest here
     try:
         x, y = load_split_tensors(tiny_data, "train")
-        diffusion = create_diffusion(**diffusion_kwargs(cfg.diffusion))
+        diffusion = build_diffusion(cfg.diffusion)
         versions = {}
         for key, seed in (("untrained", 1), ("first", 0)):
             torch.manual_seed(seed)
