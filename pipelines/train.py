@@ -317,7 +317,7 @@ def _save_checkpoint(state: TrainState, cfg: PipelineConfig, data: DataResult, r
 def _log_sample_grid(client, config, ema_model, diffusion, data: DataResult, step: int, device) -> None:
     """16 EMA samples (labels 0..K-1 cycled), 20 DPM-Solver++ steps, logged as an MLflow image + artifact."""
     from diffusion_core.samplers import sample
-    from pipelines.images import make_grid
+    from pipelines.images import READABLE_WIDTH, make_grid
 
     n = 16
     kwargs = {}
@@ -330,7 +330,7 @@ def _log_sample_grid(client, config, ema_model, diffusion, data: DataResult, ste
                    sampler="dpm_solver", steps=20, generator=torch.Generator().manual_seed(0),
                    model_kwargs=kwargs, device=device)
     ema_model.train(was_training)
-    grid = make_grid(x)  # 4 x 4
+    grid = make_grid(x, min_width=READABLE_WIDTH)  # 4 x 4, enlarged (nearest neighbour) to >= 256 px wide
     client.log_image(config["mlflow_run_id"], grid, key="ema_samples", step=step)
     client.log_image(config["mlflow_run_id"], grid, artifact_file=f"samples/ema_step{step:08d}.png")
 
@@ -460,9 +460,7 @@ def register_trained(cfg: PipelineConfig, out: TrainResult, model_dir: Path, *,
 
     card = json.loads((model_dir / "config.json").read_text())
     reg = log_and_register(load_file(str(model_dir / "weights.safetensors")), card, run_id=out.mlflow_run_id,
-                           model_name=cfg.registry.model_name,
-                           tags={"run_id": out.mlflow_run_id, "data_fingerprint": out.data_fingerprint,
-                                 "steps": str(out.steps), "run_name": out.run_name},
+                           model_name=cfg.registry.model_name,  # run id (mv.run_id), data and steps live on the run
                            alias="latest-trained", idempotence_key=f"{out.mlflow_run_id}:{out.steps}",
                            after_create=drill if faults and faults.kill_after_version_created else None)
     return out.model_copy(update={"model_name": reg.name, "model_version": reg.version, "model_uri": reg.uri})

@@ -136,7 +136,7 @@ def sampler_task(model: dict, ref: dict | None, spec_json: dict, ev_json: dict, 
                  threads: int, want_images: bool = False) -> dict[str, Any]:
     """Draw ``num_samples`` images with one sampler (labels 0..K-1 cycled), time it, and score them with the
     reference classifier (when ``ref`` is given). Returns metrics, seconds/image and a PNG grid."""
-    from pipelines.images import make_grid, png_bytes, to_uint8
+    from pipelines.images import READABLE_WIDTH, make_grid, png_bytes, to_uint8
 
     torch.set_num_threads(threads)
     ev = EvaluateConfig.model_validate(ev_json)
@@ -157,7 +157,7 @@ def sampler_task(model: dict, ref: dict | None, spec_json: dict, ev_json: dict, 
     x = torch.cat(chunks)
     out: dict[str, Any] = {"sampler": spec.sampler, "steps": spec.steps, "num_samples": num_samples,
                            "seconds_per_image": seconds / num_samples,
-                           "grid_png": png_bytes(make_grid(x[:GRID_IMAGES]))}
+                           "grid_png": png_bytes(make_grid(x[:GRID_IMAGES], min_width=READABLE_WIDTH))}
     if ref is not None:
         net = M.ReferenceClassifier(**ref["config"])
         net.load_state_dict(ref["state"])

@@ -7,6 +7,7 @@ import json
 
 import mlflow
 import pytest
+from PIL import Image
 
 pytestmark = [pytest.mark.integration]
 
@@ -51,3 +52,7 @@ def test_ema_sample_grids_are_one_image_series_over_steps(train_run, tiny_cfg):
     steps = sorted(int(p.split("+")[2]) for p in grids)
     tc = tiny_cfg.train
     assert steps == sorted({*range(tc.sample_every, tc.max_steps + 1, tc.sample_every), tc.max_steps})
+    # readable: 4 x 4 tiles of 8 px upscaled (nearest neighbour) to at least 256 px wide
+    local = mlflow.artifacts.download_artifacts(run_id=train_run.info.run_id, artifact_path=grids[0])
+    with Image.open(local) as im:
+        assert im.width >= 256 and im.width == im.height
