@@ -29,15 +29,11 @@ from mlflow.types import ColSpec, DataType, Schema
 from mlflow.types.schema import Array
 from safetensors.torch import load_file, save_file
 
-from diffusion_core import create_diffusion
 from diffusion_core.guidance import ClassifierFreeGuidance
 from diffusion_core.models import UNet
 from diffusion_core.samplers import sample as core_sample
+from pipelines.model_format import CONFIG, FORMAT_VERSION, WEIGHTS, diffusion_from_fields, read_card
 
-# The artifact layout and format of pipelines.model_io (kept equal by tests/integration/test_mlflow_model.py).
-FORMAT_VERSION = 1
-WEIGHTS = "weights.safetensors"
-CONFIG = "config.json"
 ENTRY = Path(__file__).with_name("mlflow_model_entry.py")
 # What the model needs at load and predict time; pinned to the installed versions (torch without a local
 # "+cpu" tag: torch==X.Y.Z resolves to the right build on each machine). Not diffusion-pipeline: not on PyPI.
@@ -77,15 +73,13 @@ class PyfuncSampler:
 
     def __init__(self, directory: str | Path, device: str | torch.device | None = None) -> None:
         d = Path(directory)
-        card = json.loads((d / CONFIG).read_text())
-        if card.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{d / CONFIG}: format_version {card.get('format_version')} != {FORMAT_VERSION}")
+        card = read_card(d)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.card = card
         self.unet = UNet.from_config(card["unet"])
         self.unet.load_state_dict(load_file(str(d / WEIGHTS)))
         self.unet.eval().to(self.device)
-        self.diffusion = create_diffusion(**card["diffusion"])
+        self.diffusion = diffusion_from_fields(card["diffusion"])
         self.num_classes = int(card["unet"].get("num_classes") or 0)
         size = int(card["data"]["image_size"])
         self.shape = (int(card["data"]["channels"]), size, size)
@@ -146,14 +140,14 @@ class DiffusionPyfunc(mlflow.pyfunc.PythonModel):
 
 # ---------------------------------------------------------------------------------------------- logging
 def _stage_code(tmp: Path) -> list[str]:
-    """``code_paths``: diffusion_core, and a ``pipelines`` package with only this module and images.py."""
+    """``code_paths``: diffusion_core, and a ``pipelines`` package with only this module, model_format.py and images.py."""
     here = Path(__file__).resolve().parent
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     core = shutil.copytree(here.parent / "diffusion_core", tmp / "diffusion_core", ignore=ignore)
     pkg = tmp / "pipelines"
     pkg.mkdir()
     (pkg / "__init__.py").write_text('"""The loader shipped inside a registered diffusion model."""\n')
-    for name in ("mlflow_model.py", "images.py"):
+    for name in ("mlflow_model.py", "model_format.py", "images.py"):
         shutil.copy2(here / name, pkg / name)
     return [str(core), str(pkg)]
 

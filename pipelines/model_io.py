@@ -1,6 +1,6 @@
 """The one registered-model format and its one loader.
 
-A registered model is an MLflow pyfunc model (``DiffusionPyfunc``) whose artifacts are
+A registered model is an MLflow pyfunc model logged from code (``pipelines.mlflow_model``) whose artifacts are
 
 - ``weights.safetensors``: the (EMA) UNet weights,
 - ``config.json``: ``{"format_version", "unet": UNet config, "diffusion": the DiffusionConfig fields,
@@ -21,35 +21,30 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 
-from diffusion_core import (
-    GaussianDiffusion,
-    LossType,
-    ModelMeanType,
-    ModelVarType,
-    ScheduleSampler,
-    create_named_schedule_sampler,
-    get_named_beta_schedule,
-)
+from diffusion_core import GaussianDiffusion, ScheduleSampler, create_named_schedule_sampler
 from diffusion_core.guidance import ClassifierFreeGuidance
 from diffusion_core.models import UNet
 from diffusion_core.samplers import sample as core_sample
 from diffusion_core.samplers import sample_progressive as core_sample_progressive
 from pipelines.config import ConfigError, DiffusionConfig, ModelConfig
+from pipelines.mlflow_model import log_pyfunc_model
+from pipelines.model_format import (
+    CONFIG,
+    FORMAT_VERSION,
+    WEIGHTS,
+    diffusion_from_fields,
+    read_card,
+)
 
-FORMAT_VERSION = 2  # 2: config.json's "diffusion" holds the DiffusionConfig fields (1 held create_diffusion kwargs)
-WEIGHTS = "weights.safetensors"
-CONFIG = "config.json"
 MODEL_NAME_IN_RUN = "model"
 
 # ----------------------------------------------------------------------------------------------------------
 # The one adapter from config to core. Config spellings stay as users write them; the core's enums are the
 # vocabulary, and these tables are the only place that translates one into the other.
 
-PREDICTION = {"epsilon": ModelMeanType.EPSILON, "x0": ModelMeanType.START_X, "v": ModelMeanType.VELOCITY}
 ARCH_FIELDS = ("model_channels", "channel_mult", "num_res_blocks", "attention_resolutions", "num_heads",
                "head_channels", "use_scale_shift_norm", "resblock_updown")
 
@@ -58,17 +53,7 @@ def build_diffusion(d: DiffusionConfig) -> GaussianDiffusion:
     """The diffusion a config section describes: betas of ``noise_schedule`` over ``diffusion_steps``, the
     prediction target, the variance (LEARNED_RANGE, or FIXED_SMALL / FIXED_LARGE), the loss (RESCALED_KL,
     RESCALED_MSE or MSE, as DiT's ``create_diffusion``) and the optional min-SNR-gamma weighting."""
-    if d.learn_sigma:
-        var_type = ModelVarType.LEARNED_RANGE
-    else:
-        var_type = ModelVarType.FIXED_SMALL if d.sigma_small else ModelVarType.FIXED_LARGE
-    if d.use_kl:
-        loss_type = LossType.RESCALED_KL
-    else:
-        loss_type = LossType.RESCALED_MSE if d.rescale_learned_sigmas else LossType.MSE
-    return GaussianDiffusion(betas=get_named_beta_schedule(d.noise_schedule, d.diffusion_steps),
-                             model_mean_type=PREDICTION[d.predict], model_var_type=var_type, loss_type=loss_type,
-                             snr_gamma=d.min_snr_gamma)
+    return diffusion_from_fields(d.model_dump())
 
 
 def build_timestep_sampler(d: DiffusionConfig, diffusion: GaussianDiffusion) -> ScheduleSampler:
@@ -124,18 +109,6 @@ def diffusion_card(d: DiffusionConfig) -> dict[str, Any]:
 def diffusion_from_card(card: dict[str, Any]) -> GaussianDiffusion:
     """The diffusion of a registered model's config.json (validated as a DiffusionConfig)."""
     return build_diffusion(DiffusionConfig.model_validate(card["diffusion"]))
-
-
-def _upgrade_card(card: dict[str, Any]) -> dict[str, Any]:
-    """A format-1 config.json (``create_diffusion`` keyword arguments) in format 2 (DiffusionConfig fields)."""
-    if card.get("format_version") != 1:
-        return card
-    k = card["diffusion"]
-    predict = "x0" if k.get("predict_xstart") else "v" if k.get("predict_v") else "epsilon"
-    fields = ("noise_schedule", "diffusion_steps", "learn_sigma", "sigma_small", "use_kl", "rescale_learned_sigmas")
-    diffusion = {**{f: k[f] for f in fields if f in k}, "predict": predict}
-    diffusion["sigma_small"] = diffusion.get("sigma_small", False) and not diffusion.get("learn_sigma", False)
-    return {**card, "format_version": FORMAT_VERSION, "diffusion": diffusion}
 
 
 def save_weights(state_dict: dict[str, torch.Tensor], path: str | Path) -> None:
@@ -247,10 +220,7 @@ def load_model_dir(directory: str | Path, device: str | torch.device = "cpu") ->
         d = d / "artifacts"  # a downloaded pyfunc model directory
     if not (d / CONFIG).is_file() or not (d / WEIGHTS).is_file():
         raise FileNotFoundError(f"{d} is not a registered diffusion model: expected {CONFIG} and {WEIGHTS}")
-    card = _upgrade_card(json.loads((d / CONFIG).read_text()))
-    if card.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{d / CONFIG}: format_version {card.get('format_version')} != {FORMAT_VERSION}")
-    return sampler_from_state(card, load_file(str(d / WEIGHTS)), device)
+    return sampler_from_state(read_card(d), load_file(str(d / WEIGHTS)), device)
 
 
 def sampler_from_state(card: dict[str, Any], state_dict: dict[str, torch.Tensor],
@@ -259,52 +229,6 @@ def sampler_from_state(card: dict[str, Any], state_dict: dict[str, torch.Tensor]
     unet = UNet.from_config(card["unet"])
     unet.load_state_dict(state_dict)
     return DiffusionSampler(unet=unet, card=card, device=torch.device(device))
-
-
-class DiffusionPyfunc(mlflow.pyfunc.PythonModel):
-    """``mlflow.pyfunc`` face of the registered model: each input row is one sampling request.
-
-    Columns: ``num_samples`` (int), optional ``seed``, ``sampler``, ``steps``, ``eta``, ``guidance_scale``,
-    ``class_label`` (one label for the whole row). Output: one dict per row with ``seed`` and ``images``
-    (base64 PNG strings).
-    """
-
-    def load_context(self, context) -> None:
-        self.sampler = load_model_dir(Path(context.artifacts["config"]).parent)
-
-    def predict(self, context, model_input: pd.DataFrame,
-                params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-        from pipelines.images import to_png_b64
-
-        rows = model_input.to_dict("records")
-        out = []
-        for row in rows:
-            seed = row.get("seed")
-            seed = int(torch.randint(0, 2**31 - 1, ()).item()) if seed is None or seed != seed else int(seed)
-            label = row.get("class_label")
-            labels = None if label is None or label != label else [int(label)]
-            x = self.sampler.sample(int(row.get("num_samples", 1)), sampler=str(row.get("sampler") or "ddim"),
-                                    steps=int(row.get("steps") or 50), eta=float(row.get("eta") or 0.0),
-                                    guidance_scale=float(row.get("guidance_scale") or 1.0),
-                                    class_labels=labels, seed=seed)
-            out.append({"seed": seed, "images": to_png_b64(x)})
-        return out
-
-
-def _signature():
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema
-
-    inputs = Schema([
-        ColSpec("long", "num_samples"),
-        ColSpec("long", "seed", required=False),
-        ColSpec("string", "sampler", required=False),
-        ColSpec("long", "steps", required=False),
-        ColSpec("double", "eta", required=False),
-        ColSpec("double", "guidance_scale", required=False),
-        ColSpec("long", "class_label", required=False),
-    ])
-    return ModelSignature(inputs=inputs)
 
 
 @dataclass
@@ -344,13 +268,7 @@ def log_and_register(state_dict: dict[str, torch.Tensor], card: dict[str, Any], 
         with tempfile.TemporaryDirectory() as tmp:
             d = write_model_dir(tmp, state_dict, card)
             with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
-                info = mlflow.pyfunc.log_model(
-                    name=MODEL_NAME_IN_RUN,
-                    python_model=DiffusionPyfunc(),
-                    artifacts={"weights": str(d / WEIGHTS), "config": str(d / CONFIG)},
-                    signature=_signature(),
-                    pip_requirements=["diffusion-pipeline", "torch", "safetensors", "pillow"],
-                )
+                info = log_pyfunc_model(d, name=MODEL_NAME_IN_RUN)
         all_tags = {**(tags or {}), **({IDEMPOTENCE_TAG: idempotence_key} if idempotence_key else {})}
         mv = mlflow.register_model(info.model_uri, model_name, tags={k: str(v) for k, v in all_tags.items()})
         version = str(mv.version)

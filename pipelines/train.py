@@ -33,6 +33,7 @@ from pipelines.model_io import (
     unet_config,
     write_model_dir,
 )
+from pipelines.storage import train_storage
 from pipelines.train_state import (
     LossWindow,
     TrainState,
@@ -41,7 +42,6 @@ from pipelines.train_state import (
     restore_latest,
     seed_rank,
 )
-from pipelines.storage import train_storage
 
 RUN_TAG = "ray_run_name"
 

@@ -61,7 +61,7 @@ def register_tiny_model(cfg, run_name: str = "browser-test"):
     import torch
 
     from diffusion_core.models import UNet
-    from pipelines.model_io import diffusion_kwargs, log_and_register
+    from pipelines.model_io import diffusion_card, log_and_register
     from pipelines.tracking import setup_mlflow
 
     torch.manual_seed(0)
@@ -70,7 +70,7 @@ def register_tiny_model(cfg, run_name: str = "browser-test"):
     exp_id = setup_mlflow(cfg)
     run = mlflow.start_run(experiment_id=exp_id, run_name=run_name)
     mlflow.end_run()
-    card = {"unet": unet.config, "diffusion": diffusion_kwargs(cfg.diffusion),
+    card = {"unet": unet.config, "diffusion": diffusion_card(cfg.diffusion),
             "data": {"image_size": 8, "channels": 1, "num_classes": NUM_CLASSES, "class_names": CLASS_NAMES},
             "training": {"steps": 0, "run_id": run.info.run_id}}
     return log_and_register(unet.state_dict(), card, run_id=run.info.run_id, model_name=cfg.registry.model_name,

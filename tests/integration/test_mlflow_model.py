@@ -35,12 +35,12 @@ def tiny_card_and_state():
 
     from diffusion_core.models import UNet
     from pipelines.config import load_config
-    from pipelines.model_io import diffusion_kwargs
+    from pipelines.model_io import diffusion_card
 
     torch.manual_seed(0)
     unet = UNet(in_channels=1, out_channels=1, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
                 attention_resolutions=(4,), num_classes=10, image_size=8, norm_groups=8, class_dropout_prob=0.1)
-    diffusion = diffusion_kwargs(load_config(None, [f"diffusion.diffusion_steps={T}"]).diffusion)
+    diffusion = diffusion_card(load_config(None, [f"diffusion.diffusion_steps={T}"]).diffusion)
     card = {"unet": unet.config, "diffusion": diffusion,
             "data": {"image_size": 8, "channels": 1, "num_classes": 10}, "training": {"steps": 0}}
     return card, unet.state_dict()
@@ -87,7 +87,8 @@ def test_model_is_logged_from_code_without_pickles(logged):
             "input_example.json", "requirements.txt"} <= set(files)
     # Only what loading needs is shipped: no other pipelines module (config, model_io, serve, ...).
     assert sorted(f for f in files if f.startswith("code/pipelines/")) == [
-        "code/pipelines/__init__.py", "code/pipelines/images.py", "code/pipelines/mlflow_model.py"]
+        "code/pipelines/__init__.py", "code/pipelines/images.py", "code/pipelines/mlflow_model.py",
+        "code/pipelines/model_format.py"]
     flavor = __import__("yaml").safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
     assert "python_model" not in flavor and flavor["loader_module"] == "mlflow.pyfunc.loaders.code_model"
     assert Path(flavor["model_code_path"]).name == "mlflow_model_entry.py"
@@ -198,7 +199,7 @@ def test_loading_imports_only_the_shipped_code(logged, tmp_path):
     of Ray, webdataset, the pipeline config or model_io."""
     res = run_load_and_predict(sys.executable, logged["local"], REQUESTS[0], tmp_path)
     assert res["foreign"] == [] and res["file"].startswith(str(logged["local"] / "code"))
-    assert res["pipelines"] == ["pipelines", "pipelines.images", "pipelines.mlflow_model"]
+    assert res["pipelines"] == ["pipelines", "pipelines.images", "pipelines.mlflow_model", "pipelines.model_format"]
     assert len(res["out"][0]["images"]) == 2
 
 
@@ -214,7 +215,7 @@ def test_loads_in_a_fresh_virtualenv_from_its_own_requirements(logged, tmp_path)
     req = REQUESTS[1]
     res = run_load_and_predict(py, logged["local"], req, tmp_path)
     assert res["foreign"] == []
-    assert res["pipelines"] == ["pipelines", "pipelines.images", "pipelines.mlflow_model"]
+    assert res["pipelines"] == ["pipelines", "pipelines.images", "pipelines.mlflow_model", "pipelines.model_format"]
     got = [decode(b) for b in res["out"][0]["images"]]
     ref = reference_images(f"models:/{NAME}/1", req)
     assert max(np.abs(a - b).max() for a, b in zip(got, ref, strict=True)) <= 1
