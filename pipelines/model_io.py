@@ -254,21 +254,22 @@ def find_version(model_name: str, idempotence_key: str) -> str | None:
 
 def log_and_register(state_dict: dict[str, torch.Tensor], card: dict[str, Any], *, run_id: str, model_name: str,
                      tags: dict[str, str] | None = None, alias: str | None = None,
-                     idempotence_key: str | None = None,
+                     idempotence_key: str | None = None, step: int = 0,
                      after_create: Callable[[str], None] | None = None) -> RegisteredModel:
     """Log the pyfunc model to ``run_id`` and register it as a new version of ``model_name`` (with tags/alias).
 
     With ``idempotence_key`` the version carries it (tag ``idempotence_key``) from the moment it is created, and
     a version that already carries it is reused instead: a registration killed at any point and run again leaves
     exactly one version. ``after_create(version)`` runs between creating the version and moving the alias (for
-    fault drills). Uses the tracking URI already set with ``mlflow.set_tracking_uri``.
+    fault drills). ``step`` is the training step the model is logged at: MLflow links the run's metrics at that step
+    (the final loss, ...) to the LoggedModel. Uses the tracking URI already set with ``mlflow.set_tracking_uri``.
     """
     version = find_version(model_name, idempotence_key) if idempotence_key else None
     if version is None:
         with tempfile.TemporaryDirectory() as tmp:
             d = write_model_dir(tmp, state_dict, card)
             with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
-                info = log_pyfunc_model(d, name=MODEL_NAME_IN_RUN)
+                info = log_pyfunc_model(d, name=MODEL_NAME_IN_RUN, step=step)
         all_tags = {**(tags or {}), **({IDEMPOTENCE_TAG: idempotence_key} if idempotence_key else {})}
         mv = mlflow.register_model(info.model_uri, model_name, tags={k: str(v) for k, v in all_tags.items()})
         version = str(mv.version)

@@ -462,6 +462,9 @@ def register_trained(cfg: PipelineConfig, out: TrainResult, model_dir: Path, *,
     reg = log_and_register(load_file(str(model_dir / "weights.safetensors")), card, run_id=out.mlflow_run_id,
                            model_name=cfg.registry.model_name,  # run id (mv.run_id), data and steps live on the run
                            alias="latest-trained", idempotence_key=f"{out.mlflow_run_id}:{out.steps}",
+                           # at its step, not 0: the model gets the final training metrics, not step 0's samples of
+                           # the system metrics (whose steps count samples; they meet only if both counts agree)
+                           step=out.steps,
                            after_create=drill if faults and faults.kill_after_version_created else None)
     return out.model_copy(update={"model_name": reg.name, "model_version": reg.version, "model_uri": reg.uri})
 

@@ -56,3 +56,17 @@ def test_ema_sample_grids_are_one_image_series_over_steps(train_run, tiny_cfg):
     local = mlflow.artifacts.download_artifacts(run_id=train_run.info.run_id, artifact_path=grids[0])
     with Image.open(local) as im:
         assert im.width >= 256 and im.width == im.height
+
+
+def test_registered_model_carries_its_final_training_metrics(trained_model, train_run):
+    """Logged at the final step, the LoggedModel gets the run's metrics of that step (and none of step 0)."""
+    from pipelines.evaluate.gate import version_model_id
+
+    client = mlflow.MlflowClient()
+    mv = client.get_model_version(trained_model.model_name, trained_model.model_version)
+    model = client.get_logged_model(version_model_id(mv))
+    training = {m.key: m for m in model.metrics if m.run_id == train_run.info.run_id and m.dataset_name is None}
+    assert {"loss", "lr", "grad_norm"} <= set(training), training
+    assert all(m.step == trained_model.steps for m in training.values()), training
+    history = client.get_metric_history(train_run.info.run_id, "loss")
+    assert training["loss"].value == pytest.approx([m.value for m in history if m.step == trained_model.steps][0])
