@@ -270,6 +270,7 @@ class Engine:
         self.forwards = 0  # UNet forwards run (for benchmarks and tests)
         self.rows = 0  # real rows in them
         self.last_error: str | None = None
+        self.counts = {"completed": 0, "cancelled": 0, "timed_out": 0, "failed": 0}  # requests, by outcome
 
     # ------------------------------------------------------------------ models
     def prepare(self, model: ServedModel, version: str | None = None) -> _Slot:
@@ -334,7 +335,7 @@ class Engine:
         with self._lock:
             return {"loop_alive": self.alive, "model_loaded": self.model is not None, "version": self.version,
                     "active_requests": len(self._active) + len(self._inbox), "queued_cost": self._outstanding,
-                    "max_queue_cost": self.max_queue_cost, "last_error": self.last_error}
+                    "max_queue_cost": self.max_queue_cost, "last_error": self.last_error, **self.counts}
 
     # ------------------------------------------------------------------ loop control
     @property
@@ -549,12 +550,15 @@ class Engine:
         result = SampleResult(images=req.x.detach().to("cpu"), version=req.slot.version,
                               model_info=dict(req.slot.model.info or {}), batch_size=req.batch_size,
                               queue_ms=(start - req.ticket.submitted) * 1000, sample_ms=(end - start) * 1000)
+        self.counts["completed"] += 1
         if not req.ticket.future.done():
             req.ticket.future.set_result(result)
 
     def _release(self, ticket: Ticket, cost: int, error: Exception) -> None:
+        kind = {Cancelled: "cancelled", TimedOut: "timed_out"}.get(type(error), "failed")
         with self._lock:
             self._outstanding -= cost
+            self.counts[kind] += 1
         if not ticket.future.done():
             ticket.future.set_exception(error)
 
