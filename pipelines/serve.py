@@ -255,11 +255,13 @@ async def _outcome(ticket, request: Request) -> SampleResult | None:
         await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
     except asyncio.CancelledError:  # Serve cancels the handler when the client disconnects
         ticket.cancel()
+        work.add_done_callback(lambda f: f.cancelled() or f.exception())
         raise
     finally:
         gone.cancel()
     if not work.done():
         ticket.cancel()
+        work.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved: nobody waits for it
         return None
     return work.result()
 
