@@ -277,3 +277,20 @@ def test_compiled_engine_pads_to_buckets_without_recompiling(model):
     for spec, t in zip(SPECS[:3], tickets, strict=True):
         assert (t.result(0).images - oracle(model, spec)).abs().max().item() < 1e-3
     assert dict(counters["stats"]) == graphs  # no new compiles after warm-up
+
+
+def test_engine_and_its_benchmark_import_no_ray_http_pydantic_or_mlflow(tmp_path):
+    """The engine runs alone (e.g. a GPU box without Ray): block those packages and import both."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    code = ("import sys, importlib.util\n"
+            "for m in ('ray', 'fastapi', 'pydantic', 'mlflow', 'starlette'): sys.modules[m] = None\n"
+            "import pipelines.engine\n"
+            f"spec = importlib.util.spec_from_file_location('engine_bench', {str(root / 'benchmarks/engine_bench.py')!r})\n"
+            "mod = importlib.util.module_from_spec(spec); sys.modules['engine_bench'] = mod\n"
+            "spec.loader.exec_module(mod)\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=root, env={**__import__("os").environ,
+                                                                           "PYTHONPATH": str(root)})
