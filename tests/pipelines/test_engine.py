@@ -294,3 +294,63 @@ def test_engine_and_its_benchmark_import_no_ray_http_pydantic_or_mlflow(tmp_path
             "spec.loader.exec_module(mod)\n")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root, env={**__import__("os").environ,
                                                                            "PYTHONPATH": str(root)})
+
+
+# ---------------------------------------------------------------------------------- the Serve wrapper, no Serve
+def _replica(model_uri: str, **serve_overrides):
+    """A DiffusionIngress replica object built without Ray Serve (its routes are plain async methods)."""
+    from pipelines import serve as ps
+    from pipelines.config import ServeConfig
+
+    raw = ps.DiffusionIngress.func_or_class.__mro__[1]  # the class under serve.ingress's ASGI wrapper
+    obj = object.__new__(raw)
+    raw.__init__(obj, model_uri, None, ServeConfig(**serve_overrides).model_dump(mode="json"))
+    return obj
+
+
+def test_replica_answers_503_until_a_model_loads_and_describe_names_the_load_error(tmp_path):
+    import asyncio
+    import json
+
+    from pipelines.serve_schemas import GenerateRequest
+
+    replica = _replica(str(tmp_path / "missing"), reload_interval_s=0)
+    assert replica.follower.first_attempt.wait(60)
+    health = asyncio.run(replica.healthz())
+    assert health.status_code == 503 and json.loads(health.body)["loop_alive"] is True
+    assert json.loads(health.body)["model_loaded"] is False and "missing" in json.loads(health.body)["load_error"]
+    r = asyncio.run(replica.generate(GenerateRequest(num_samples=1, steps=2), request=None))
+    assert r.status_code == 503 and r.headers["Retry-After"]
+    with pytest.raises(RuntimeError, match="could not load"):
+        asyncio.run(replica.describe(timeout_s=5))
+    replica.engine.stop()
+
+
+def test_replica_loads_a_model_directory_and_reports_its_limits(tmp_path, model):
+    import asyncio
+    import json
+
+    from pipelines.model_io import write_model_dir
+
+    write_model_dir(tmp_path / "m", model.unet.state_dict(), model.card)
+    replica = _replica(str(tmp_path / "m"), max_samples_per_request=4)
+    info = asyncio.run(replica.describe(timeout_s=120))
+    assert info["num_timesteps"] == T and info["max_request_cost"] == 4 * T * 2
+    assert replica.engine.max_queue_cost == 8 * 4 * T * 2
+    assert json.loads(asyncio.run(replica.healthz()).body)["status"] == "ok"
+    replica.engine.stop()
+
+
+def test_server_faults_are_500_with_a_request_id_and_no_internals():
+    import json
+
+    from pipelines.engine import EngineError
+    from pipelines.serve import _engine_error
+
+    r = _engine_error(EngineError("secret internals: /etc/passwd"))
+    body = json.loads(r.body)
+    assert r.status_code == 500 and body["request_id"] and "secret" not in r.body.decode()
+    assert r.headers["X-Request-Id"] == body["request_id"]
+    assert _engine_error(TimedOut("late")).status_code == 504
+    assert _engine_error(Overloaded("full")).headers["Retry-After"]
+    assert [e["loc"][-1] for e in json.loads(_engine_error(TooCostly("x")).body)["detail"]] == ["num_samples", "steps"]
