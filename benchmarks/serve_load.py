@@ -268,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scenarios", nargs="*", default=["mixed", "aborted", "streams", "rollout"],
                     help="scenarios after the load levels (on the batched deployment)")
     ap.add_argument("--quick", action="store_true", help="smoke run: small budgets, long requests of 50 steps")
+    ap.add_argument("--pack-ratio", type=float, default=None,
+                    help="serve.pack_ratio (None: fill every forward; e.g. 4 on CPUs for short-request latency)")
     ap.add_argument("--threads", type=int, default=None, help="serve.threads_per_replica (default: 1 per CPU)")
     ap.add_argument("--port", type=int, default=8765)
     ap.add_argument("--use-gpu", action="store_true")
@@ -299,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         for mode, batch in (("batched", args.batch_size), ("unbatched", 1)):
             overrides = [*base, f"serve.port={args.port}", f"serve.max_batch_size={batch}",
                          f"serve.reload_interval_s={args.reload_interval}",
+                         *([f"serve.pack_ratio={args.pack_ratio}"] if args.pack_ratio else []),
                          f"serve.max_ongoing_requests={max(top, 64)}",
                          f"serve.max_queued_requests={max(top, 64)}", f"serve.use_gpu={str(args.use_gpu).lower()}"]
             if args.threads:
@@ -341,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         "request": body, "seconds_per_level": args.seconds, "max_requests_per_level": args.max_requests,
         "quick": args.quick, "results": results, "speedup_batched_over_unbatched": speedups,
         "model_only_bound": bound, "checks": checks, "scenarios": scenarios,
-        "threads_per_replica": args.threads or 1,
+        "threads_per_replica": args.threads or 1, "pack_ratio": args.pack_ratio,
         "loadavg_at_start": load_at_start, "loadavg_at_end": os.getloadavg(),
     }
     out = Path(args.out)

@@ -225,6 +225,10 @@ class ServeConfig(_Section):
         15.0, ge=0, description="Seconds between polls of the served registry alias; a moved alias is loaded in the "
         "background and swapped in between steps (0: never).")
     compile: bool = Field(False, description="torch.compile the UNet (warm-up per padded batch size, no recompiles).")
+    pack_ratio: float | None = Field(
+        None, ge=1, description="None: fill every UNet forward up to max_batch_size (GPUs). A number: a forward only "
+        "packs requests whose remaining work is at most this times the shortest one's (CPUs, where a forward's time "
+        "grows with its rows: short requests then run in small, fast forwards; starved ones always join).")
     max_ongoing_requests: int = Field(256, ge=1, description="Per replica, HTTP requests held (streams included).")
     keep_alive: bool = Field(False, description="Keep serving after the deploy stage (local runs).")
     max_queued_requests: int = Field(

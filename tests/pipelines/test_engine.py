@@ -173,6 +173,24 @@ def test_short_requests_overtake_long_ones_and_long_ones_are_not_starved(model):
     assert (long.result(0).images - oracle(model, long.spec)).abs().max().item() < TOL
 
 
+def test_pack_ratio_runs_short_requests_in_their_own_forwards(model):
+    """Fill (default): a 1-row 2-step request shares both forwards with a 3-row 50-step one. pack_ratio=4: the
+    short one runs alone (forwards of 1 row) while the long one waits, and joins again once it is starved."""
+    for ratio, rows_with_short in ((None, [4, 4]), (4.0, [1, 1])):
+        e = engine_with(model, max_batch_size=16, pack_ratio=ratio, starve_after=3)
+        long = e.submit(SampleSpec(num_samples=3, seed=0, steps=50))
+        e.step()
+        short = e.submit(SampleSpec(num_samples=1, seed=1, steps=2))
+        sizes = []
+        while not short.future.done():
+            before = e.rows
+            e.step()
+            sizes.append(e.rows - before)
+        assert sizes == rows_with_short and short.result(0).batch_size == max(rows_with_short)
+        drain(e)
+        assert (long.result(0).images - oracle(model, long.spec)).abs().max().item() < TOL
+
+
 def test_swap_between_steps_keeps_in_flight_requests_on_their_version(model):
     v2 = tiny_sampler(seed=1, version="2")
     e = engine_with(model, max_batch_size=16)
