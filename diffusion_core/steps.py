@@ -13,7 +13,6 @@ learned variance. Coefficients are computed in float64 on the CPU and cast to x'
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import torch
 
@@ -193,8 +192,3 @@ def guided_output(cond: torch.Tensor, uncond: torch.Tensor, scale: torch.Tensor 
     e = int(eps_channels)
     guided = uncond[:, :e] + s * (cond[:, :e] - uncond[:, :e])  # Ho & Salimans 2022, Eq. 6
     return torch.cat([guided, cond[:, e:]], dim=1)
-
-
-def as_index(values: Sequence[int], device=None) -> torch.Tensor:
-    """A LongTensor of step indices (helper for callers building per-row t)."""
-    return torch.tensor([int(v) for v in values], dtype=torch.long, device=device)

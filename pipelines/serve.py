@@ -38,7 +38,16 @@ from ray import serve
 
 from diffusion_core.samplers import SAMPLERS
 from pipelines.config import PipelineConfig, ServeConfig, load_config
-from pipelines.engine import Engine, EngineError, NotReady, Overloaded, SampleResult, SampleSpec, TimedOut, TooCostly
+from pipelines.engine import (
+    Engine,
+    EngineError,
+    NotReady,
+    Overloaded,
+    SampleResult,
+    SampleSpec,
+    TimedOut,
+    TooCostly,
+)
 from pipelines.serve_schemas import (
     MAX_BODY_BYTES,
     GenerateRequest,

@@ -41,9 +41,7 @@ def decode(b64: str) -> np.ndarray:
 def served(ray_session, tmp_path_factory):
     """Register an untrained tiny class-conditional UNet, deploy it, yield (url, DeployResult)."""
     import mlflow
-    import torch
 
-    from diffusion_core.models import UNet
     from pipelines.config import load_config
     from pipelines.model_io import diffusion_kwargs, log_and_register
     from pipelines.serve import deploy_and_check, shutdown
