@@ -498,44 +498,67 @@ class Engine:
             req.filled += k
             req.batch_size = max(req.batch_size, real)
             req.first_forward = req.first_forward or now
-            if req.filled == req.fw_rows:
-                try:
-                    self._update(req)
-                except Exception as e:
-                    log.exception("engine: update failed")
+        ready = [req for req, _, _ in chunks if req.filled == req.fw_rows]
+        groups: dict[tuple[int, str], list[_Request]] = {}
+        for req in ready:  # one vectorised update per (model, sampler): rows keep their own t, eta, history
+            groups.setdefault((id(req.slot), req.spec.sampler), []).append(req)
+        for group in groups.values():
+            try:
+                x0s = self._update(group)
+            except Exception as e:  # fails this group's requests only
+                log.exception("engine: update failed")
+                for req in group:
                     self._finish(req, error=EngineError(f"{type(e).__name__}: {e}"))
+                continue
+            for req, x0 in zip(group, x0s, strict=True):
+                self._advanced(req, x0)
 
     # ------------------------------------------------------------------ per-request update
-    def _update(self, req: _Request) -> None:
-        """The request's own step t -> t_prev from its model outputs (diffusion_core.steps)."""
-        spec, m, n = req.spec, req.slot.model, req.n
-        out = req.out
-        if req.mult == 2:  # classifier-free guidance on the eps channels
-            out = guided_output(out[:n], out[n:], float(spec.guidance_scale), int(m.channels))
-        last = req.pos == len(req.ts) - 1
-        t = torch.full((n,), req.ts[req.pos], dtype=torch.long)
-        t_prev = torch.full((n,), -1 if last else req.ts[req.pos + 1], dtype=torch.long)
-
-        def noise() -> torch.Tensor:  # drawn per row from the request's generator, rows in order
-            return randn(req.x.shape, generator=[req.g] * n, device=req.x.device, dtype=req.x.dtype)
-
-        d = m.diffusion
-        if spec.sampler == "ddpm":
-            req.x, x0 = ddpm_step(d, req.x, t, t_prev, out, None if last else noise())
-        elif spec.sampler == "ddim":
-            req.x, x0 = ddim_step(d, req.x, t, t_prev, out, float(spec.eta), noise() if spec.eta else None)
-        else:
+    def _update(self, group: list[_Request]) -> list[torch.Tensor]:
+        """Each request's own step t -> t_prev from its model outputs (diffusion_core.steps), for requests of one
+        model and sampler stacked row-wise; returns each request's x0 prediction."""
+        m, sampler = group[0].slot.model, group[0].spec.sampler
+        outs, t, t_prev, noise, eta, second, prev, h_prev = [], [], [], [], [], [], [], []
+        for req in group:
+            n, out = req.n, req.out
+            if req.mult == 2:  # classifier-free guidance on the eps channels
+                out = guided_output(out[:n], out[n:], float(req.spec.guidance_scale), int(m.channels))
+            outs.append(out)
+            last = req.pos == len(req.ts) - 1
+            t.append(torch.full((n,), req.ts[req.pos], dtype=torch.long))
+            t_prev.append(torch.full((n,), -1 if last else req.ts[req.pos + 1], dtype=torch.long))
+            # noise drawn per row from the request's own generator, rows in order, exactly when the core loops
+            # draw it (every ddpm step but the last, every ddim step with eta > 0); zeros where it is unused
+            draws = (sampler == "ddpm" and not last) or (sampler == "ddim" and req.spec.eta != 0)
+            noise.append(randn(req.x.shape, generator=[req.g] * n, device=req.x.device, dtype=req.x.dtype)
+                         if draws else torch.zeros_like(req.x))
+            eta.append(torch.full((n,), float(req.spec.eta), dtype=torch.float64))
             # DPM-Solver++(2M) with lower_order_final, as samplers.dpm_solver_sample_progressive
-            second = req.prev_x0 is not None and req.pos != len(req.ts) - 2
-            h_prev = req.h_prev if req.h_prev is not None else torch.full((n,), math.nan, dtype=torch.float64)
-            req.x, req.prev_x0, req.h_prev = dpm_solver_step(d, req.x, t, t_prev, out, req.prev_x0, h_prev,
-                                                             torch.full((n,), second))
-            x0 = req.prev_x0
+            second.append(torch.full((n,), req.prev_x0 is not None and req.pos != len(req.ts) - 2))
+            prev.append(req.prev_x0 if req.prev_x0 is not None else torch.zeros_like(req.x))
+            h_prev.append(req.h_prev if req.h_prev is not None else torch.full((n,), math.nan, dtype=torch.float64))
+        x, out, t, t_prev = torch.cat([r.x for r in group]), torch.cat(outs), torch.cat(t), torch.cat(t_prev)
+        d, sizes = m.diffusion, [r.n for r in group]
+        if sampler == "ddpm":
+            x, x0 = ddpm_step(d, x, t, t_prev, out, torch.cat(noise))
+        elif sampler == "ddim":
+            eta = torch.cat(eta)
+            x, x0 = ddim_step(d, x, t, t_prev, out, eta, torch.cat(noise) if bool((eta != 0).any()) else None)
+        else:
+            x, x0, h = dpm_solver_step(d, x, t, t_prev, out, torch.cat(prev), torch.cat(h_prev), torch.cat(second))
+            for req, x0_r, h_r in zip(group, x0.split(sizes), h.split(sizes), strict=True):
+                req.prev_x0, req.h_prev = x0_r, h_r
+        for req, x_r in zip(group, x.split(sizes), strict=True):
+            req.x = x_r
+        return list(x0.split(sizes))
+
+    def _advanced(self, req: _Request, x0: torch.Tensor) -> None:
+        """Bookkeeping after a request's step: position, queue cost, previews, done."""
         req.pos += 1
         req.filled = 0
         with self._lock:
             self._outstanding -= req.fw_rows
-        k = spec.preview_every
+        k = req.spec.preview_every
         if k and req.pos % k == 0 and req.pos < len(req.ts) and req.ticket.on_event is not None:
             self._emit(req, {"event": "preview", "step": req.pos, "total": len(req.ts),
                              "images": x0.detach().to("cpu")})
