@@ -383,7 +383,14 @@ def test_rollout_follows_the_alias_without_failing_requests(served):
     _wait_for(lambda: "3" in _health(url)["failed_versions"], "version 3 refused", timeout_s=RELOAD_S + 60)
     assert requests.get(f"{url}/v1/model", timeout=30).json()["version"] == "2"
     assert post(url, req).json()["images"] == v2["images"]
-    mlflow.MlflowClient().set_registered_model_alias("serve-tiny", "champion", "2")
+
+    # the promote stage's immediate reload: the replica checks the alias at once and answers what it serves
+    from pipelines.serve import trigger_reload
+
+    _register(card, run_id, tiny_unet(0).state_dict(), alias="champion")  # version 4 = version 1's weights
+    assert trigger_reload() == ["4"]
+    v4 = post(url, req).json()
+    assert v4["model"]["version"] == "4" and v4["images"] == v1_images
 
 
 def test_clean_shutdown(served):
