@@ -5,6 +5,9 @@ PY := $(VENV)/bin/python
 CONFIG ?= configs/quickstart.yaml
 export MLFLOW_DISABLE_TELEMETRY ?= true
 export RAY_USAGE_STATS_ENABLED ?= 0
+# The browser tests drive Debian's chromium through pip's playwright, never a downloaded browser build.
+export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD ?= 1
+CHROMIUM ?= /usr/bin/chromium
 
 .PHONY: install quickstart test lint bench clean
 
@@ -21,7 +24,11 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 quickstart: install
 	$(VENV)/bin/diffusion-pipeline run --config $(CONFIG)
 
-test: install
+# Installed only when missing (CI runs as root; elsewhere run it once with sudo).
+$(CHROMIUM):
+	apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
+
+test: install $(CHROMIUM)
 	$(PY) -m pytest -q
 
 lint: install

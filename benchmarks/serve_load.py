@@ -95,7 +95,7 @@ def register_quickstart(workspace: Path, seed: int = 0, alias: str | None = "cha
     import torch
 
     from pipelines.config import load_config
-    from pipelines.model_io import build_unet, diffusion_kwargs, log_and_register
+    from pipelines.model_io import build_unet, diffusion_card, log_and_register
     from pipelines.tracking import setup_mlflow
 
     base = [f"workspace.root={workspace}", "registry.model_name=serve-bench"]
@@ -106,7 +106,7 @@ def register_quickstart(workspace: Path, seed: int = 0, alias: str | None = "cha
     exp = setup_mlflow(cfg)
     with mlflow.start_run(experiment_id=exp, run_name=f"serve-bench-{seed}") as run:
         pass
-    card = {"unet": unet.config, "diffusion": diffusion_kwargs(cfg.diffusion),
+    card = {"unet": unet.config, "diffusion": diffusion_card(cfg.diffusion),
             "data": {"image_size": cfg.data.image_size, "channels": cfg.data.channels, "num_classes": 10},
             "training": {"steps": 0, "run_id": run.info.run_id}}
     log_and_register(unet.state_dict(), card, run_id=run.info.run_id, model_name="serve-bench", alias=alias)

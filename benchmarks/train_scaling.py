@@ -28,15 +28,15 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 def plain_loop(cfg, data, steps: int, repeats: int = 3) -> float:
     """Images/s of a single-process loop with the same pieces (median of ``repeats`` timed windows)."""
-    from diffusion_core import UniformSampler, create_diffusion
+    from diffusion_core import UniformSampler
     from pipelines.data import make_loader
-    from pipelines.model_io import build_unet, diffusion_kwargs
+    from pipelines.model_io import build_diffusion, build_unet
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
     unet = build_unet(cfg.model, image_size=data.image_size, channels=data.channels,
                       num_classes=data.num_classes, learn_sigma=False)
-    diffusion = create_diffusion(**diffusion_kwargs(cfg.diffusion))
+    diffusion = build_diffusion(cfg.diffusion)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.train.lr)
     ts = UniformSampler(diffusion)
     loader = make_loader(data.train_urls, rank=0, world_size=1, batch_size=cfg.train.batch_size,

@@ -82,7 +82,7 @@ def generate_grid(url: str, out: str | Path, *, num_samples: int = 16, seed: int
     import numpy as np
     import torch
 
-    from pipelines.images import from_png_b64, make_grid
+    from pipelines.images import from_png_b64, from_uint8, make_grid
 
     limit = int(model_info(url)["max_samples_per_request"])
     images: list[np.ndarray] = []
@@ -94,7 +94,7 @@ def generate_grid(url: str, out: str | Path, *, num_samples: int = 16, seed: int
         images += [from_png_b64(b) for b in answer["images"]]
         chunk += 1
     batch = np.stack([a if a.ndim == 3 else a[..., None] for a in images])  # [B, H, W, C]
-    x = torch.from_numpy(batch).permute(0, 3, 1, 2).float() / 127.5 - 1  # the loader's pixel normalisation
+    x = from_uint8(torch.from_numpy(batch).permute(0, 3, 1, 2))
     p = Path(out)
     p.parent.mkdir(parents=True, exist_ok=True)
     make_grid(x).save(p)

@@ -30,10 +30,33 @@ class _Section(BaseModel):
 
 class WorkspaceConfig(_Section):
     root: Path = Field(Path("workspace"), description="Local root for shards, Ray results and MLflow (SQLite).")
+    store: str | None = Field(
+        None,
+        description="Shared store for a cluster run: s3://bucket/prefix or gs://bucket/prefix. Prepared shards go "
+        "to <store>/data and stage records to <store>/pipeline, so every node and every re-submitted job sees "
+        "them. None: both stay under workspace.root.",
+    )
+
+    @field_validator("store")
+    @classmethod
+    def _store_uri(cls, v: str | None) -> str | None:
+        from pipelines.storage import check_object_uri
+
+        return None if v is None else check_object_uri(v, field="workspace.store")
 
     @property
     def data_dir(self) -> Path:
         return self.root.resolve() / "data"
+
+    @property
+    def data_uri(self) -> str:
+        """Where prepared shards live: ``<store>/data`` or the local ``data_dir``."""
+        return f"{self.store}/data" if self.store else str(self.data_dir)
+
+    @property
+    def records_uri(self) -> str:
+        """Where stage records (and the workspace lock) live: ``<store>/pipeline`` or ``<root>/pipeline``."""
+        return f"{self.store}/pipeline" if self.store else str(self.root.resolve() / "pipeline")
 
     @property
     def ray_results(self) -> Path:
@@ -71,8 +94,9 @@ class DataConfig(_Section):
     num_classes: int | None = Field(
         None,
         ge=0,
-        description="shards source only: number of classes (0 = unlabelled). None: from the shards' manifest.json, "
-        "else inferred as max label + 1 in the first shard (a lower bound; set it for real use).",
+        description="shards source only: number of classes (0 = unlabelled). None: from the shards' manifest.json; "
+        "required for shards without one (never guessed from the data). Every label read must lie in "
+        "[0, num_classes).",
     )
     test_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Held-out fraction (seeded split).")
     split_seed: int = Field(0, description="Seed of the train/test split.")
@@ -82,23 +106,32 @@ class DataConfig(_Section):
     on_error: Literal["raise", "skip"] = Field(
         "raise", description="Corrupt samples/shards: raise (naming shard and key) or skip and count them."
     )
+    prepare_tasks: int | None = Field(
+        None, ge=1, description="Parallel Ray tasks writing shards (the bytes do not depend on it). None: one per "
+        "CPU of the running Ray cluster for sources of 10,000+ images, else serial; 1: serial, in this process.",
+    )
+
+
+_ARCH = "Architecture field: under a preset leave it unset (or give the preset's value); under 'custom' None means the quickstart value."
 
 
 class ModelConfig(_Section):
     preset: Literal["quickstart", "ddpm_cifar10", "custom"] = Field(
         "quickstart",
-        description="UNet preset; a preset fixes the architecture (channels, mult, blocks, attention, heads), "
-        "'custom' takes them from the fields below. dropout, label dropout and memory options always apply.",
+        description="UNet preset; a preset fixes the architecture fields (model_channels .. resblock_updown) and "
+        "refuses different values for them; 'custom' starts from the quickstart architecture and takes every "
+        "architecture field that is set. dropout, label dropout and memory options always apply.",
     )
-    model_channels: int = Field(32, gt=0)
-    channel_mult: list[int] = Field([1, 2, 2])
-    num_res_blocks: int = Field(1, gt=0)
-    attention_resolutions: list[int] = Field([8], description="Feature-map sizes (pixels) with self-attention.")
+    model_channels: int | None = Field(None, gt=0, description=_ARCH + " Quickstart: 32.")
+    channel_mult: list[int] | None = Field(None, min_length=1, description=_ARCH + " Quickstart: [1, 2, 2].")
+    num_res_blocks: int | None = Field(None, gt=0, description=_ARCH + " Quickstart: 1.")
+    attention_resolutions: list[int] | None = Field(
+        None, description="Feature-map sizes (pixels) with self-attention. " + _ARCH + " Quickstart: [image_size/2].")
+    num_heads: int | None = Field(None, gt=0, description=_ARCH + " Quickstart: 2.")
+    head_channels: int | None = Field(None, description="Channels per head; -1: use num_heads. " + _ARCH)
+    use_scale_shift_norm: bool | None = Field(None, description="AdaGN (Dhariwal & Nichol 2021). " + _ARCH)
+    resblock_updown: bool | None = Field(None, description="Resample inside ResBlocks (BigGAN style). " + _ARCH)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    num_heads: int = Field(1, gt=0)
-    head_channels: int = Field(-1, description="-1: use num_heads; otherwise channels per head.")
-    use_scale_shift_norm: bool = False
-    resblock_updown: bool = False
     class_conditional: bool = Field(True, description="Condition on labels (needs a labelled dataset).")
     class_dropout_prob: float = Field(0.1, ge=0.0, le=1.0, description="Label dropout for classifier-free guidance.")
     use_checkpoint: bool = Field(False, description="Gradient checkpointing (saves memory, costs compute).")
@@ -116,8 +149,20 @@ class DiffusionConfig(_Section):
     sigma_small: bool = Field(False, description="Fixed variance: small (posterior) instead of large (beta).")
     use_kl: bool = False
     rescale_learned_sigmas: bool = False
-    timestep_sampler: Literal["uniform", "loss-second-moment"] = "uniform"
+    timestep_sampler: Literal["uniform", "loss-second-moment"] = Field(
+        "uniform", description="Training-time distribution of t: uniform, or importance sampling by the loss "
+        "second moment (Nichol & Dhariwal 2021, Sec. 3.3).")
     min_snr_gamma: float | None = Field(None, gt=0, description="Min-SNR-gamma loss weighting (Hang et al. 2023).")
+
+    @model_validator(mode="after")
+    def _no_ignored_fields(self) -> DiffusionConfig:
+        # a field that another one overrides would do nothing: refuse the combination instead
+        if self.learn_sigma and self.sigma_small:
+            raise ValueError("diffusion.sigma_small applies to a fixed variance; it has no effect with "
+                             "diffusion.learn_sigma=true")
+        if self.use_kl and self.rescale_learned_sigmas:
+            raise ValueError("diffusion.rescale_learned_sigmas has no effect with diffusion.use_kl=true")
+        return self
 
 
 class TrainConfig(_Section):
@@ -165,6 +210,13 @@ class SamplerSpec(_Section):
     steps: int = Field(gt=0)
 
 
+# The metrics evaluate produces that the promotion gate can compare, by the direction in which they improve
+# (pipelines.evaluate.gate reads these; tests check the Literal agrees with them).
+LOWER_IS_BETTER = ("frechet_distance", "frechet_ratio", "fid", "bpd")
+HIGHER_IS_BETTER = ("class_accuracy", "inception_score")
+PrimaryMetric = Literal["frechet_distance", "frechet_ratio", "fid", "bpd", "class_accuracy", "inception_score"]
+
+
 class EvaluateConfig(_Section):
     num_samples: int = Field(500, ge=10, description="Generated images per metric.")
     sampler: SamplerSpec = Field(SamplerSpec(sampler="dpm_solver", steps=20), description="Sampler for the gate.")
@@ -181,7 +233,9 @@ class EvaluateConfig(_Section):
         description="Samplers measured in the quality/speed table (empty list skips it).",
     )
     guidance_scale: float = Field(1.0, ge=0.0)
-    primary_metric: str = Field("frechet_distance", description="Metric the promotion gate compares (lower wins).")
+    primary_metric: PrimaryMetric = Field(
+        "frechet_distance", description="Metric the promotion gate compares: lower is better for "
+        f"{', '.join(LOWER_IS_BETTER)}; higher is better for {', '.join(HIGHER_IS_BETTER)}.")
     promote_margin: float = Field(0.0, ge=0.0, description="Relative margin the new model must beat champion by.")
     bpd_subset: int = Field(64, ge=0, description="Held-out images for bits/dim (0 skips).")
     inception_weights: str | None = Field(None, description="Local InceptionV3 FID weights; None skips FID.")

@@ -1,9 +1,9 @@
 """The one registered-model format and its one loader.
 
-A registered model is an MLflow pyfunc model (``DiffusionPyfunc``) whose artifacts are
+A registered model is an MLflow pyfunc model logged from code (``pipelines.mlflow_model``) whose artifacts are
 
 - ``weights.safetensors``: the (EMA) UNet weights,
-- ``config.json``: ``{"format_version", "unet": UNet config, "diffusion": create_diffusion kwargs,
+- ``config.json``: ``{"format_version", "unet": UNet config, "diffusion": the DiffusionConfig fields,
   "data": image size, channels, classes, normalisation, fingerprint, "training": steps, run id, ...}``.
 
 ``load_model(uri)`` turns any model URI (``models:/name@alias``, ``models:/name/3``, ``runs:/id/model`` or a local
@@ -15,66 +15,100 @@ from __future__ import annotations
 import json
 import re
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import mlflow
-import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 
-from diffusion_core import create_diffusion
+from diffusion_core import GaussianDiffusion, ScheduleSampler, create_named_schedule_sampler
 from diffusion_core.guidance import ClassifierFreeGuidance
 from diffusion_core.models import UNet
 from diffusion_core.samplers import sample as core_sample
 from diffusion_core.samplers import sample_progressive as core_sample_progressive
-from pipelines.config import DiffusionConfig, ModelConfig
+from pipelines.config import ConfigError, DiffusionConfig, ModelConfig
+from pipelines.mlflow_model import log_pyfunc_model
+from pipelines.model_format import (
+    CONFIG,
+    FORMAT_VERSION,
+    WEIGHTS,
+    diffusion_from_fields,
+    read_card,
+)
 
-FORMAT_VERSION = 1
-WEIGHTS = "weights.safetensors"
-CONFIG = "config.json"
 MODEL_NAME_IN_RUN = "model"
-# The loader's normalisation: uint8 pixels p -> p / 127.5 - 1, so samples live in [-1, 1].
-NORMALISATION = {"scale": 1 / 127.5, "shift": -1.0, "range": [-1.0, 1.0]}
 
+# ----------------------------------------------------------------------------------------------------------
+# The one adapter from config to core. Config spellings stay as users write them; the core's enums are the
+# vocabulary, and these tables are the only place that translates one into the other.
 
 ARCH_FIELDS = ("model_channels", "channel_mult", "num_res_blocks", "attention_resolutions", "num_heads",
                "head_channels", "use_scale_shift_norm", "resblock_updown")
 
 
-def build_unet(model: ModelConfig, *, image_size: int, channels: int, num_classes: int, learn_sigma: bool) -> UNet:
-    """UNet for the data's shape. A preset fixes the architecture fields; dropout, label dropout, checkpointing
-    and memory format always come from the model section."""
+def build_diffusion(d: DiffusionConfig) -> GaussianDiffusion:
+    """The diffusion a config section describes: betas of ``noise_schedule`` over ``diffusion_steps``, the
+    prediction target, the variance (LEARNED_RANGE, or FIXED_SMALL / FIXED_LARGE), the loss (RESCALED_KL,
+    RESCALED_MSE or MSE, as DiT's ``create_diffusion``) and the optional min-SNR-gamma weighting."""
+    return diffusion_from_fields(d.model_dump())
+
+
+def build_timestep_sampler(d: DiffusionConfig, diffusion: GaussianDiffusion) -> ScheduleSampler:
+    """The training-time distribution of t (``diffusion.timestep_sampler``) for ``diffusion``."""
+    return create_named_schedule_sampler(d.timestep_sampler, diffusion)
+
+
+def preset_architecture(preset: str, *, image_size: int, channels: int, num_classes: int | None) -> dict[str, Any]:
+    """The full UNet config of a preset ('custom' starts from 'quickstart'), built on the meta device (no memory,
+    no initialisation)."""
+    with torch.device("meta"):
+        if preset == "ddpm_cifar10":
+            return UNet.ddpm_cifar10().config  # also its diffusers-compatible norm eps, padding, embedding flags
+        return UNet.quickstart(image_size=image_size, in_channels=channels, num_classes=num_classes).config
+
+
+def unet_config(model: ModelConfig, *, image_size: int, channels: int, num_classes: int,
+                learn_sigma: bool) -> dict[str, Any]:
+    """``UNet`` keyword arguments for a model section and the data's shape.
+
+    A preset fixes the architecture fields: one set to a different value raises ConfigError naming it. Under
+    'custom' every architecture field that is set replaces the quickstart value. dropout, label dropout,
+    checkpointing and memory format always come from the model section."""
     classes = num_classes if (model.class_conditional and num_classes > 0) else None
-    if model.preset == "quickstart":
-        arch = UNet.quickstart(image_size=image_size, in_channels=channels, num_classes=classes).config
-    elif model.preset == "ddpm_cifar10":
-        arch = UNet.ddpm_cifar10().config  # also its diffusers-compatible norm eps, padding and embedding flags
-    else:
-        arch = {k: getattr(model, k) for k in ARCH_FIELDS}
-    return UNet(**{
-        **arch,
+    arch = preset_architecture(model.preset, image_size=image_size, channels=channels, num_classes=classes)
+    chosen = {k: getattr(model, k) for k in ARCH_FIELDS if getattr(model, k) is not None}
+    if model.preset != "custom":
+        bad = {k: v for k, v in chosen.items() if v != arch[k]}
+        if bad:
+            raise ConfigError("; ".join(f"model.{k}={v!r} conflicts with model.preset='{model.preset}' (which "
+                                        f"fixes {arch[k]!r})" for k, v in bad.items())
+                              + ": remove the field or set model.preset=custom")
+    return {
+        **arch, **chosen,
         "image_size": image_size, "in_channels": channels, "out_channels": channels, "num_classes": classes,
         "learn_sigma": learn_sigma, "dropout": model.dropout,
         "class_dropout_prob": model.class_dropout_prob if classes else 0.0,
         "use_checkpoint": model.use_checkpoint, "channels_last": model.channels_last,
-    })
+    }
 
 
-def diffusion_kwargs(d: DiffusionConfig) -> dict[str, Any]:
-    """``create_diffusion`` keyword arguments for a diffusion section (stored verbatim in config.json)."""
-    return dict(
-        timestep_respacing="",
-        noise_schedule=d.noise_schedule,
-        diffusion_steps=d.diffusion_steps,
-        predict_xstart=d.predict == "x0",
-        predict_v=d.predict == "v",
-        learn_sigma=d.learn_sigma,
-        sigma_small=d.sigma_small,
-        use_kl=d.use_kl,
-        rescale_learned_sigmas=d.rescale_learned_sigmas,
-    )
+def build_unet(model: ModelConfig, *, image_size: int, channels: int, num_classes: int, learn_sigma: bool) -> UNet:
+    """The UNet of a model section for the data's shape (see :func:`unet_config`)."""
+    return UNet(**unet_config(model, image_size=image_size, channels=channels, num_classes=num_classes,
+                              learn_sigma=learn_sigma))
+
+
+def diffusion_card(d: DiffusionConfig) -> dict[str, Any]:
+    """The ``diffusion`` section of config.json: the DiffusionConfig fields, as configured."""
+    return d.model_dump(mode="json")
+
+
+def diffusion_from_card(card: dict[str, Any]) -> GaussianDiffusion:
+    """The diffusion of a registered model's config.json (validated as a DiffusionConfig)."""
+    return build_diffusion(DiffusionConfig.model_validate(card["diffusion"]))
 
 
 def save_weights(state_dict: dict[str, torch.Tensor], path: str | Path) -> None:
@@ -101,7 +135,7 @@ class DiffusionSampler:
     info: dict[str, Any] = field(default_factory=dict)  # registry name/version/uri/run id when known
 
     def __post_init__(self) -> None:
-        self.diffusion = create_diffusion(**self.card["diffusion"])
+        self.diffusion = diffusion_from_card(self.card)
         self.unet.eval().to(self.device)
 
     @property
@@ -186,10 +220,7 @@ def load_model_dir(directory: str | Path, device: str | torch.device = "cpu") ->
         d = d / "artifacts"  # a downloaded pyfunc model directory
     if not (d / CONFIG).is_file() or not (d / WEIGHTS).is_file():
         raise FileNotFoundError(f"{d} is not a registered diffusion model: expected {CONFIG} and {WEIGHTS}")
-    card = json.loads((d / CONFIG).read_text())
-    if card.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{d / CONFIG}: format_version {card.get('format_version')} != {FORMAT_VERSION}")
-    return sampler_from_state(card, load_file(str(d / WEIGHTS)), device)
+    return sampler_from_state(read_card(d), load_file(str(d / WEIGHTS)), device)
 
 
 def sampler_from_state(card: dict[str, Any], state_dict: dict[str, torch.Tensor],
@@ -200,52 +231,6 @@ def sampler_from_state(card: dict[str, Any], state_dict: dict[str, torch.Tensor]
     return DiffusionSampler(unet=unet, card=card, device=torch.device(device))
 
 
-class DiffusionPyfunc(mlflow.pyfunc.PythonModel):
-    """``mlflow.pyfunc`` face of the registered model: each input row is one sampling request.
-
-    Columns: ``num_samples`` (int), optional ``seed``, ``sampler``, ``steps``, ``eta``, ``guidance_scale``,
-    ``class_label`` (one label for the whole row). Output: one dict per row with ``seed`` and ``images``
-    (base64 PNG strings).
-    """
-
-    def load_context(self, context) -> None:
-        self.sampler = load_model_dir(Path(context.artifacts["config"]).parent)
-
-    def predict(self, context, model_input: pd.DataFrame,
-                params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-        from pipelines.images import to_png_b64
-
-        rows = model_input.to_dict("records")
-        out = []
-        for row in rows:
-            seed = row.get("seed")
-            seed = int(torch.randint(0, 2**31 - 1, ()).item()) if seed is None or seed != seed else int(seed)
-            label = row.get("class_label")
-            labels = None if label is None or label != label else [int(label)]
-            x = self.sampler.sample(int(row.get("num_samples", 1)), sampler=str(row.get("sampler") or "ddim"),
-                                    steps=int(row.get("steps") or 50), eta=float(row.get("eta") or 0.0),
-                                    guidance_scale=float(row.get("guidance_scale") or 1.0),
-                                    class_labels=labels, seed=seed)
-            out.append({"seed": seed, "images": to_png_b64(x)})
-        return out
-
-
-def _signature():
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema
-
-    inputs = Schema([
-        ColSpec("long", "num_samples"),
-        ColSpec("long", "seed", required=False),
-        ColSpec("string", "sampler", required=False),
-        ColSpec("long", "steps", required=False),
-        ColSpec("double", "eta", required=False),
-        ColSpec("double", "guidance_scale", required=False),
-        ColSpec("long", "class_label", required=False),
-    ])
-    return ModelSignature(inputs=inputs)
-
-
 @dataclass
 class RegisteredModel:
     name: str
@@ -254,29 +239,43 @@ class RegisteredModel:
     run_id: str
 
 
+IDEMPOTENCE_TAG = "idempotence_key"
+
+
+def find_version(model_name: str, idempotence_key: str) -> str | None:
+    """The version of ``model_name`` created with this idempotence key (None when there is none)."""
+    client = mlflow.MlflowClient()
+    try:
+        found = client.search_model_versions(f"name='{model_name}' and tags.{IDEMPOTENCE_TAG}='{idempotence_key}'")
+    except mlflow.exceptions.MlflowException:
+        return None  # no such registered model yet
+    return str(min(int(v.version) for v in found)) if found else None
+
+
 def log_and_register(state_dict: dict[str, torch.Tensor], card: dict[str, Any], *, run_id: str, model_name: str,
-                     tags: dict[str, str] | None = None, alias: str | None = None) -> RegisteredModel:
+                     tags: dict[str, str] | None = None, alias: str | None = None,
+                     idempotence_key: str | None = None,
+                     after_create: Callable[[str], None] | None = None) -> RegisteredModel:
     """Log the pyfunc model to ``run_id`` and register it as a new version of ``model_name`` (with tags/alias).
 
-    Uses the tracking URI already set with ``mlflow.set_tracking_uri``.
+    With ``idempotence_key`` the version carries it (tag ``idempotence_key``) from the moment it is created, and
+    a version that already carries it is reused instead: a registration killed at any point and run again leaves
+    exactly one version. ``after_create(version)`` runs between creating the version and moving the alias (for
+    fault drills). Uses the tracking URI already set with ``mlflow.set_tracking_uri``.
     """
-    with tempfile.TemporaryDirectory() as tmp:
-        d = write_model_dir(tmp, state_dict, card)
-        with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
-            info = mlflow.pyfunc.log_model(
-                name=MODEL_NAME_IN_RUN,
-                python_model=DiffusionPyfunc(),
-                artifacts={"weights": str(d / WEIGHTS), "config": str(d / CONFIG)},
-                signature=_signature(),
-                registered_model_name=model_name,
-                pip_requirements=["diffusion-pipeline", "torch", "safetensors", "pillow"],
-            )
-    client = mlflow.MlflowClient()
-    version = str(info.registered_model_version)
-    for k, v in (tags or {}).items():
-        client.set_model_version_tag(model_name, version, k, str(v))
+    version = find_version(model_name, idempotence_key) if idempotence_key else None
+    if version is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            d = write_model_dir(tmp, state_dict, card)
+            with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
+                info = log_pyfunc_model(d, name=MODEL_NAME_IN_RUN)
+        all_tags = {**(tags or {}), **({IDEMPOTENCE_TAG: idempotence_key} if idempotence_key else {})}
+        mv = mlflow.register_model(info.model_uri, model_name, tags={k: str(v) for k, v in all_tags.items()})
+        version = str(mv.version)
+        if after_create is not None:
+            after_create(version)
     if alias:
-        client.set_registered_model_alias(model_name, alias, version)
+        mlflow.MlflowClient().set_registered_model_alias(model_name, alias, version)
     return RegisteredModel(name=model_name, version=version, uri=f"models:/{model_name}/{version}", run_id=run_id)
 
 

@@ -32,7 +32,7 @@ import uuid
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 from ray import serve
 
@@ -283,6 +283,9 @@ class DiffusionIngress:
     def __init__(self, model_uri: str, tracking_uri: str | None, serve_cfg: dict[str, Any]) -> None:
         import torch
 
+        from pipelines.playground import mlflow_ui_url
+
+        self.mlflow_ui = mlflow_ui_url(tracking_uri)
         self.cfg = cfg = ServeConfig(**serve_cfg)
         torch.set_num_threads(cfg.threads_per_replica or max(1, int(cfg.cpus_per_replica)))
         device = "cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu"
@@ -343,6 +346,13 @@ class DiffusionIngress:
         return SampleSpec(num_samples=body.num_samples, seed=seed, sampler=body.sampler, steps=body.steps,
                           eta=body.eta, guidance_scale=body.guidance_scale, class_labels=body.class_labels,
                           preview_every=preview_every), None
+
+    @api.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def playground(self) -> HTMLResponse:
+        """The playground page (pipelines/playground): form, live previews, final grid."""
+        from pipelines.playground import render_page
+
+        return HTMLResponse(render_page(self.mlflow_ui))
 
     @api.get("/healthz", responses={503: _ERRORS[503]})
     async def healthz(self):

@@ -50,11 +50,33 @@ def mlflow_metrics(metrics: dict[str, float], step: int, timestamp_ms: int | Non
     return [Metric(k, float(v), now, step) for k, v in metrics.items() if math.isfinite(float(v))]
 
 
+def _runs_with_tag(client, experiment_id: str, tag: str, value: str) -> list:
+    """Active runs whose ``tag`` equals ``value``, oldest first (start time, then run id: one order for all)."""
+    runs = client.search_runs([experiment_id], filter_string=f"tags.`{tag}` = '{value}'", max_results=1000)
+    return sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id))
+
+
 def find_run(experiment_id: str, tag: str, value: str) -> str | None:
-    """The newest run id in the experiment whose tag ``tag`` equals ``value`` (None if there is none)."""
-    runs = mlflow.search_runs(experiment_ids=[experiment_id], filter_string=f"tags.`{tag}` = '{value}'",
-                              order_by=["attributes.start_time DESC"], max_results=1, output_format="list")
+    """The oldest active run id in the experiment whose tag ``tag`` equals ``value`` (None if there is none)."""
+    runs = _runs_with_tag(mlflow.MlflowClient(), experiment_id, tag, value)
     return runs[0].info.run_id if runs else None
+
+
+def find_or_create_run(experiment_id: str, tag: str, value: str, *, run_name: str,
+                       tags: dict[str, str] | None = None, client=None) -> tuple[str, bool]:
+    """The one run tagged ``tag=value``: (run id, whether this call created it). Safe against concurrent callers:
+    a creator re-reads the runs carrying the tag and keeps the oldest; a losing creator deletes its own run
+    (tagged ``superseded_by``), so every caller ends with the same run id."""
+    client = client or mlflow.MlflowClient()
+    existing = _runs_with_tag(client, experiment_id, tag, value)
+    if existing:
+        return existing[0].info.run_id, False
+    mine = client.create_run(experiment_id, run_name=run_name, tags={**(tags or {}), tag: value}).info.run_id
+    winner = _runs_with_tag(client, experiment_id, tag, value)[0].info.run_id
+    if winner != mine:
+        client.set_tag(mine, "superseded_by", winner)
+        client.delete_run(mine)
+    return winner, winner == mine
 
 
 def ensure_ray(cfg: PipelineConfig) -> None:

@@ -1,10 +1,12 @@
 """Sharded webdataset images: ``prepare_data`` writes them, ``make_loader`` reads them per Ray Train rank.
 
-See ``prepare.py`` (writing, fingerprint, atomicity), ``loader.py`` (rank/worker split, error modes, skip
-counter), ``sources.py`` (digits, image_folder, cifar10), ``urls.py`` (shard specs) and ``manifest.py``.
+See ``prepare.py`` (writing, fingerprint, atomicity), ``loader.py`` (``LoaderSpec``, rank/worker split,
+validation on read, error modes, skip counter), ``sources.py`` (digits, image_folder, cifar10), ``urls.py``
+(shard specs) and ``manifest.py``.
 """
 
 from pipelines.data.loader import (
+    LoaderSpec,
     ShardLoader,
     ShardReadError,
     check_shard_count,
@@ -22,6 +24,7 @@ from pipelines.data.urls import expand_shard_spec
 __all__ = [
     "MANIFEST_NAME",
     "DataResult",
+    "LoaderSpec",
     "ManifestError",
     "ShardLoader",
     "ShardReadError",

@@ -11,11 +11,16 @@ modes:
   (the last batch may be short).
 
 Pipeline per worker (webdataset ``DataPipeline``): shard list -> rank/worker split -> shard order
-(resample / shuffle) -> tar reader -> ``wds.shuffle`` buffer (on encoded bytes) -> PNG decode (L or RGB) ->
-``wds.batched`` -> random flip + scale to float32 in [-1, 1]. Batches are assembled in the workers; the main
-process only receives ready tensors.
+(resample / shuffle) -> tar reader -> ``wds.shuffle`` buffer (on encoded bytes) -> PNG decode (L or RGB) and
+check -> ``wds.batched`` -> random flip + scale to float32 in [-1, 1]. Batches are assembled in the workers; the
+main process only receives ready tensors. All settings are one frozen :class:`LoaderSpec`, validated once.
 
-Errors: a damaged shard or sample raises :class:`ShardReadError` naming the shard URL and the sample key
+Validation on read: each decoded sample must match the spec's data format: channels (the image's own mode),
+image size, and a label in ``[0, num_classes)`` (none at all when ``num_classes`` is 0). The pipeline takes these
+from the manifest or the config, so a label equal to ``num_classes`` (which would silently become the
+classifier-free-guidance null label) or an image of the wrong size is a bad sample like an undecodable one.
+
+Errors: a damaged shard or a bad sample raises :class:`ShardReadError` naming the shard URL and the sample key
 (``on_error="raise"``). With ``on_error="skip"`` the sample is dropped (for a truncated tar: the rest of that
 shard), a warning is logged, and ``loader.skipped`` counts it. The counter is a ``multiprocessing.Value`` in
 shared memory, created by the loader from the same multiprocessing context as its DataLoader workers (fork,
@@ -35,15 +40,18 @@ import tarfile
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch.utils.data import IterableDataset, get_worker_info
 
+from pipelines import storage
 from pipelines.data.manifest import read_manifest
+from pipelines.images import from_uint8
 
 log = logging.getLogger(__name__)
 IMAGE_KEYS = ("png", "jpg", "jpeg")
@@ -115,13 +123,15 @@ def _check_clean_end(last: dict[str, bytes]) -> None:
 def iter_shard(url: str) -> Iterator[dict[str, Any]]:
     """Yield the samples of one tar shard as dicts ``{"__key__", "__url__", ext: bytes}``.
 
-    Any failure (unreadable URL, truncated or corrupt tar) raises :class:`ShardReadError` naming the shard and
-    the key being read; samples completed before the damage have already been yielded.
+    ``s3://`` / ``gs://`` shards stream through :mod:`pipelines.storage`; local paths, ``http(s)://`` and
+    ``pipe:`` through ``wds.gopen``. Any failure (unreadable URL, truncated or corrupt tar) raises
+    :class:`ShardReadError` naming the shard and the key being read; samples completed before the damage have
+    already been yielded.
     """
     key: str | None = None
     current: dict[str, Any] | None = None
     try:
-        stream = wds.gopen(url, "rb")
+        stream = storage.open_input(url) if storage.is_object_uri(url) else wds.gopen(url, "rb")
         try:
             tar = tarfile.open(fileobj=stream, mode="r|*")
             last_read = _record_last_read(tar)
@@ -153,21 +163,116 @@ def iter_shard(url: str) -> Iterator[dict[str, Any]]:
         raise ShardReadError(f"shard {url}: {where}: {type(e).__name__}: {e}", url=url, key=key) from e
 
 
-def decode_sample(sample: dict[str, Any], channels: int, image_size: int | None = None) -> tuple[np.ndarray, int]:
-    """PNG/JPEG bytes -> uint8 array [C, H, W] in mode L (C=1) or RGB (C=3); ``cls`` -> int (-1 if absent)."""
+# ------------------------------------------------------------------------------------ the spec
+class LoaderSpec(BaseModel):
+    """Everything a shard reader needs, validated once (a bad field is a ValueError naming it) and then held,
+    frozen, by the loader and by every worker's stream.
+
+    Data format (what each sample must be, else it is a bad sample): ``channels`` (1 = L, 3 = RGB; the image's
+    own mode must agree, palette images convert to either), ``image_size`` (square side; None: not checked) and
+    ``num_classes`` (every label in ``[0, num_classes)``; 0 = unlabelled, so no sample may carry a label; None:
+    not checked). The pipeline takes all three from the manifest or the config (:meth:`for_data`), never from
+    the shards themselves. Reading: ``rank`` of ``world_size`` owns ``urls[rank::world_size]``; ``resampled``
+    streams forever (training), else one pass (evaluation); ``on_error`` raise / skip-and-count.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    urls: tuple[str, ...] = Field(min_length=1)
+    rank: int = Field(0, ge=0)
+    world_size: int = Field(1, ge=1)
+    batch_size: int = Field(ge=1)
+    num_workers: int = Field(1, ge=0, description="DataLoader worker processes (0: read in this process).")
+    channels: Literal[1, 3]
+    image_size: int | None = Field(None, gt=0)
+    num_classes: int | None = Field(None, ge=0)
+    resampled: bool = True
+    shuffle_buffer: int = Field(1000, ge=0, description="Samples in the shuffle buffer; 0: keep shard order.")
+    random_flip: bool = False
+    seed: int = 0
+    on_error: Literal["raise", "skip"] = "raise"
+    multiprocessing_context: Literal["fork", "spawn", "forkserver"] | None = None
+
+    @field_validator("urls", mode="before")
+    @classmethod
+    def _expand(cls, v: Any) -> Any:
+        if isinstance(v, str):  # one brace/glob spec, expanded like data.path
+            from pipelines.data.urls import expand_shard_spec
+
+            return expand_shard_spec(v, field="urls")
+        return v
+
+    @model_validator(mode="after")
+    def _placement(self) -> LoaderSpec:
+        if self.rank >= self.world_size:
+            raise ValueError(f"rank must lie in 0..world_size-1, got rank={self.rank}, world_size={self.world_size}")
+        check_shard_count(len(self.urls), self.world_size, self.num_workers)
+        return self
+
+    @classmethod
+    def for_data(cls, data: Any, split: str = "train", **reading: Any) -> LoaderSpec:
+        """The spec for one split of a DataResult or a manifest dict (from :func:`read_manifest`): urls,
+        channels, image size and class count come from it; ``reading`` sets the other fields."""
+        return cls(**data_format(data, split), **reading)
+
+
+def data_format(data: Any, split: str) -> dict[str, Any]:
+    """``urls`` of ``split`` and the data format (``channels``, ``image_size``, ``num_classes``) of a DataResult
+    or a manifest dict loaded with :func:`read_manifest`."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if isinstance(data, dict):
+        if "root" not in data:
+            raise ValueError("pass a manifest loaded with read_manifest (it resolves the shard paths)")
+        urls, fmt = data["splits"].get(split, {}).get("urls", []), data
+    else:
+        urls, fmt = getattr(data, f"{split}_urls"), vars(data)
+    return {"urls": list(urls), **{k: int(fmt[k]) for k in ("channels", "image_size", "num_classes")}}
+
+
+def _image_channels(img: Image.Image) -> int | None:
+    """1 for grayscale modes, 3 for colour ones, None for palette images (they convert to either)."""
+    if img.mode in ("P", "PA"):
+        return None
+    bands = [b for b in img.getbands() if b != "A"]
+    return 1 if len(bands) == 1 else 3
+
+
+def decode_sample(sample: dict[str, Any], spec: LoaderSpec) -> tuple[np.ndarray, int]:
+    """PNG/JPEG bytes -> uint8 array [C, H, W] in mode L (C=1) or RGB (C=3); ``cls`` -> int (-1 if absent).
+
+    ValueError/KeyError when the sample breaks the spec's data format (channels, size, label range).
+    """
     data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
     if data is None:
         have = sorted(k for k in sample if not k.startswith("__"))
         raise KeyError(f"no image entry ({'/'.join(IMAGE_KEYS)}); entries: {have}")
     with Image.open(io.BytesIO(data)) as img:
-        mode = "L" if channels == 1 else "RGB"
+        found = _image_channels(img)
+        if found is not None and found != spec.channels:
+            raise ValueError(f"image has {found} channel(s) (mode {img.mode}), expected {spec.channels}")
+        mode = "L" if spec.channels == 1 else "RGB"
         img = img.convert(mode) if img.mode != mode else img
         arr = np.asarray(img, dtype=np.uint8)
-    if image_size is not None and arr.shape[:2] != (image_size, image_size):
-        raise ValueError(f"image is {arr.shape[1]}x{arr.shape[0]}, expected {image_size}x{image_size}")
+    size = spec.image_size
+    if size is not None and arr.shape[:2] != (size, size):
+        raise ValueError(f"image is {arr.shape[1]}x{arr.shape[0]}, expected {size}x{size}")
     arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
-    label = int(sample["cls"]) if "cls" in sample else -1
-    return np.ascontiguousarray(arr), label
+    label = int(sample["cls"]) if "cls" in sample else None
+    _check_label(label, spec.num_classes)
+    return np.ascontiguousarray(arr), -1 if label is None else label
+
+
+def _check_label(label: int | None, num_classes: int | None) -> None:
+    """A label must lie in [0, num_classes); an unlabelled dataset (0 classes) has none (None: not checked)."""
+    if num_classes is None:
+        return
+    if num_classes == 0 and label is not None:
+        raise ValueError(f"label {label} in an unlabelled dataset (num_classes=0); set the class count "
+                         "(data.num_classes) to train on labels")
+    if num_classes > 0 and (label is None or not 0 <= label < num_classes):
+        got = "no label (.cls)" if label is None else f"label {label}"
+        raise ValueError(f"{got}: labels must lie in [0, {num_classes}) (num_classes={num_classes})")
 
 
 # ------------------------------------------------------------------------------------ pipeline stages
@@ -207,16 +312,16 @@ def _read(src: Iterator[dict], on_error: str, counter: Any, resampled: bool) -> 
             raise ShardReadError(f"no readable sample in {empty_in_a_row} consecutive shard reads (last: {url})", url)
 
 
-def _decode(src: Iterator[dict], channels: int, image_size: int | None, on_error: str, counter: Any):
+def _decode(src: Iterator[dict], spec: LoaderSpec, counter: Any):
     for s in src:
         try:
-            yield decode_sample(s, channels, image_size)
+            yield decode_sample(s, spec)
         except Exception as e:  # noqa: BLE001
             err = ShardReadError(
-                f"shard {s.get('__url__')}: sample {s.get('__key__')!r}: cannot decode: {type(e).__name__}: {e}",
+                f"shard {s.get('__url__')}: sample {s.get('__key__')!r}: bad sample: {type(e).__name__}: {e}",
                 url=s.get("__url__"), key=s.get("__key__"),
             )
-            if on_error == "raise":
+            if spec.on_error == "raise":
                 raise err from e
             _count_skip(counter, err)
 
@@ -229,7 +334,7 @@ def _collate(samples: list[tuple[np.ndarray, int]]) -> tuple[torch.Tensor, torch
 
 def _finish(src: Iterator, flip: bool, rng: np.random.Generator):
     for images, labels in src:
-        x = images.float().div_(127.5).sub_(1.0)  # uint8 0..255 -> [-1, 1] (DDPM, Ho et al. 2020, Sec. 3.3)
+        x = from_uint8(images)
         if flip:
             mask = torch.from_numpy(rng.random(len(x)) < 0.5)
             x[mask] = x[mask].flip(-1)
@@ -237,38 +342,32 @@ def _finish(src: Iterator, flip: bool, rng: np.random.Generator):
 
 
 class ShardStream(IterableDataset):
-    """The per-worker pipeline (built lazily inside each DataLoader worker, so ``epoch`` and the worker id are
-    read where the data is produced)."""
+    """The per-worker pipeline, built lazily inside each DataLoader worker (the worker id is read where the data
+    is produced). Holds the spec and the shared skip counter, nothing else."""
 
-    def __init__(self, urls: list[str], *, rank: int, world_size: int, batch_size: int, resampled: bool,
-                 shuffle_buffer: int, random_flip: bool, channels: int, image_size: int | None, seed: int,
-                 on_error: str, counter: Any, epoch: int = 0):
+    def __init__(self, spec: LoaderSpec, counter: Any):
         super().__init__()
-        self.urls, self.rank, self.world_size = list(urls), rank, world_size
-        self.batch_size, self.resampled, self.shuffle_buffer = batch_size, resampled, shuffle_buffer
-        self.random_flip, self.channels, self.image_size = random_flip, channels, image_size
-        self.seed, self.on_error, self.counter, self.epoch = seed, on_error, counter, epoch
+        self.spec, self.counter = spec, counter
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        sp = self.spec
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        mine = split_shards(self.urls, self.rank, self.world_size, worker, num_workers)
-        tag = f"{self.seed}/{self.rank}/{worker}/{self.epoch}"  # str seeds are hashed deterministically
+        mine = split_shards(list(sp.urls), sp.rank, sp.world_size, worker, num_workers)
+        tag = f"{sp.seed}/{sp.rank}/{worker}"  # str seeds are hashed deterministically
         stages: list[Any] = [
             wds.SimpleShardList(mine) if mine else [],
-            partial(_shard_order, rng=random.Random("order" + tag), resampled=self.resampled,
-                    shuffle=self.shuffle_buffer > 0),
-            partial(_read, on_error=self.on_error, counter=self.counter, resampled=self.resampled),
+            partial(_shard_order, rng=random.Random("order" + tag), resampled=sp.resampled,
+                    shuffle=sp.shuffle_buffer > 0),
+            partial(_read, on_error=sp.on_error, counter=self.counter, resampled=sp.resampled),
         ]
-        if self.shuffle_buffer > 0:
-            stages.append(wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100),
+        if sp.shuffle_buffer > 0:
+            stages.append(wds.shuffle(sp.shuffle_buffer, initial=min(sp.shuffle_buffer, 100),
                                       rng=random.Random("shuffle" + tag)))
         stages += [
-            partial(_decode, channels=self.channels, image_size=self.image_size, on_error=self.on_error,
-                    counter=self.counter),
-            wds.batched(self.batch_size, collation_fn=_collate, partial=True),
-            partial(_finish, flip=self.random_flip,
-                    rng=np.random.default_rng(list(map(ord, "flip" + tag)))),
+            partial(_decode, spec=sp, counter=self.counter),
+            wds.batched(sp.batch_size, collation_fn=_collate, partial=True),
+            partial(_finish, flip=sp.random_flip, rng=np.random.default_rng(list(map(ord, "flip" + tag)))),
         ]
         return iter(wds.DataPipeline(*stages))
 
@@ -276,119 +375,68 @@ class ShardStream(IterableDataset):
 class ShardLoader:
     """Iterable of ``(images float32 [B, C, H, W] in [-1, 1], labels int64 [B])`` (label -1 = unlabelled).
 
-    ``skipped``: bad samples skipped so far across all workers (``on_error="skip"``); ``shards``: this rank's
-    shards; ``set_epoch(e)``: reseed shard order, shuffle and flips for the next ``iter()``.
+    ``spec``: the :class:`LoaderSpec`; ``skipped``: bad samples skipped so far across all workers
+    (``on_error="skip"``); ``shards``: this rank's shards.
     """
 
-    def __init__(self, urls: list[str], *, rank: int, world_size: int, batch_size: int, num_workers: int,
-                 resampled: bool, shuffle_buffer: int, random_flip: bool, channels: int, image_size: int | None,
-                 seed: int, on_error: str, epoch: int, pin_memory: bool, multiprocessing_context: str | None):
-        ctx = mp.get_context(multiprocessing_context)  # the counter's lock must come from the workers' context
+    def __init__(self, spec: LoaderSpec):
+        self.spec = spec
+        ctx = mp.get_context(spec.multiprocessing_context)  # the counter's lock must come from the workers' context
         self._skipped = ctx.Value("q", 0)
-        self.num_workers = num_workers
-        self.shards = split_shards(urls, rank, world_size, 0, 1)
-        self.dataset = ShardStream(
-            urls, rank=rank, world_size=world_size, batch_size=batch_size, resampled=resampled,
-            shuffle_buffer=shuffle_buffer, random_flip=random_flip, channels=channels, image_size=image_size,
-            seed=seed, on_error=on_error, counter=self._skipped, epoch=epoch,
-        )
-        self._loader = wds.WebLoader(self.dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                                     multiprocessing_context=ctx if num_workers > 0 else None)
+        self.shards = split_shards(list(spec.urls), spec.rank, spec.world_size, 0, 1)
+        self.dataset = ShardStream(spec, self._skipped)
+        self._loader = wds.WebLoader(self.dataset, batch_size=None, num_workers=spec.num_workers,
+                                     multiprocessing_context=ctx if spec.num_workers > 0 else None)
+
+    @property
+    def num_workers(self) -> int:
+        return self.spec.num_workers
 
     @property
     def skipped(self) -> int:
         return int(self._skipped.value)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.dataset.epoch = epoch
-
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return iter(self._loader)
 
 
-def make_loader(
-    urls: list[str] | str,
-    *,
-    rank: int,
-    world_size: int,
-    batch_size: int,
-    num_workers: int = 1,
-    resampled: bool = True,
-    shuffle_buffer: int = 1000,
-    random_flip: bool = False,
-    channels: int,
-    image_size: int | None = None,
-    seed: int = 0,
-    on_error: str = "raise",
-    epoch: int = 0,
-    pin_memory: bool = False,
-    multiprocessing_context: str | None = None,
-) -> ShardLoader:
-    """Batches from this rank's disjoint shard subset (see module docstring for the contract).
+def make_loader(spec_or_urls: LoaderSpec | list[str] | str, **fields: Any) -> ShardLoader:
+    """Batches from this rank's disjoint shard subset (see the module docstring for the contract).
 
-    ``urls``: list of shard URLs (or one brace/glob spec, expanded like ``data.path``). ``rank``/``world_size``:
-    the Ray Train world rank and size. ``image_size``: when given, an image of another size is a bad sample.
-    ``multiprocessing_context``: "fork" / "spawn" / "forkserver" for the workers (None: Python's default).
-    Raises ValueError up front for bad arguments and for fewer shards than ``world_size * max(1, num_workers)``.
+    Either a ready :class:`LoaderSpec`, or shard URLs (a list, or one brace/glob spec expanded like
+    ``data.path``) plus the spec's other fields as keywords (``rank``, ``world_size``, ``batch_size``,
+    ``channels``, ``image_size``, ``num_classes``, ...). Raises ValueError naming the field for bad arguments and
+    for fewer shards than ``world_size * max(1, num_workers)``.
     """
-    if isinstance(urls, str):
-        from pipelines.data.urls import expand_shard_spec
-
-        urls = expand_shard_spec(urls, field="urls")
-    urls = list(urls)
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"rank must lie in 0..world_size-1, got rank={rank}, world_size={world_size}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if num_workers < 0:
-        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-    if channels not in (1, 3):
-        raise ValueError(f"channels must be 1 or 3, got {channels}")
-    if on_error not in ("raise", "skip"):
-        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-    if not urls:
-        raise ValueError("no shard URLs given")
-    check_shard_count(len(urls), world_size, num_workers)
-    return ShardLoader(
-        urls, rank=rank, world_size=world_size, batch_size=batch_size, num_workers=num_workers,
-        resampled=resampled, shuffle_buffer=shuffle_buffer, random_flip=random_flip, channels=channels,
-        image_size=image_size, seed=seed, on_error=on_error, epoch=epoch, pin_memory=pin_memory,
-        multiprocessing_context=multiprocessing_context,
-    )
+    if isinstance(spec_or_urls, LoaderSpec):
+        spec = LoaderSpec.model_validate({**spec_or_urls.model_dump(), **fields}) if fields else spec_or_urls
+    else:
+        spec = LoaderSpec(urls=spec_or_urls, **fields)
+    return ShardLoader(spec)
 
 
 def load_split_tensors(
     result_or_manifest: Any, split: str, limit: int | None = None, *, on_error: str = "raise"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """All (or the first ``limit``) images of a split, in shard order, single process.
+    """All (or the first ``limit``) images of a split, in shard order, single process, validated against the
+    data's channels, image size and class count (:meth:`LoaderSpec.for_data`).
 
     ``result_or_manifest``: a DataResult, a manifest dict (from :func:`read_manifest`), or a path to
     ``manifest.json`` / its directory. Returns (images float32 [N, C, H, W] in [-1, 1], labels int64 [N]).
     """
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    src = result_or_manifest
-    if isinstance(src, (str, Path)):
-        src = read_manifest(src)
-    if isinstance(src, dict):
-        if "root" not in src:
-            raise ValueError("pass a manifest loaded with read_manifest (it resolves the shard paths)")
-        urls = src["splits"].get(split, {}).get("urls", [])
-        channels, size = int(src["channels"]), int(src["image_size"])
-    else:
-        urls = list(getattr(src, f"{split}_urls"))
-        channels, size = int(src.channels), int(src.image_size)
+    src = read_manifest(result_or_manifest) if isinstance(result_or_manifest, (str, Path)) else result_or_manifest
+    fmt = data_format(src, split)
     images, labels, n = [], [], 0
-    if urls and limit != 0:
-        loader = make_loader(urls, rank=0, world_size=1, batch_size=256, num_workers=0, resampled=False,
-                             shuffle_buffer=0, channels=channels, image_size=size, on_error=on_error)
-        for x, y in loader:
+    if fmt["urls"] and limit != 0:
+        spec = LoaderSpec(**fmt, batch_size=256, num_workers=0, resampled=False, shuffle_buffer=0, on_error=on_error)
+        for x, y in ShardLoader(spec):
             images.append(x)
             labels.append(y)
             n += len(x)
             if limit is not None and n >= limit:
                 break
     if not images:
-        return torch.zeros(0, channels, size, size), torch.zeros(0, dtype=torch.int64)
+        c, size = fmt["channels"], fmt["image_size"]
+        return torch.zeros(0, c, size, size), torch.zeros(0, dtype=torch.int64)
     x, y = torch.cat(images), torch.cat(labels)
     return (x[:limit], y[:limit]) if limit is not None else (x, y)

@@ -63,7 +63,8 @@ def test_changed_config_reruns_downstream_only(first_run, tiny_cfg):
 def test_failing_stage_is_named_and_earlier_outputs_survive(first_run, tiny_cfg):
     before = {s: read_record(tiny_cfg, s) for s in ("prepare_data", "train")}
     cfg = tiny_cfg.model_copy(deep=True)
-    cfg.evaluate.primary_metric = "no_such_metric"
+    cfg.evaluate.primary_metric = "bpd"  # a valid config that evaluate cannot serve: bits/dim is switched off
+    cfg.evaluate.bpd_subset = 0
     with pytest.raises(StageError, match="stage 'evaluate' failed|stage 'promote' failed"):
         run_pipeline(cfg, until="promote", force=["evaluate"], log=lambda _: None)
     assert {s: read_record(tiny_cfg, s) for s in before} == before

@@ -57,9 +57,8 @@ def _train(unet, diffusion, x, y, steps: int, seed: int) -> None:
 @pytest.fixture(scope="module")
 def gate_setup(ray_session, tiny_workspace, tiny_data):
     """Registers v1 = trained FIRST_STEPS, v2 = untrained, v3 = trained BETTER_STEPS (one run each)."""
-    from diffusion_core import create_diffusion
     from pipelines.data import load_split_tensors
-    from pipelines.model_io import build_unet, diffusion_kwargs, log_and_register
+    from pipelines.model_io import build_diffusion, build_unet, log_and_register
     from pipelines.tracking import setup_mlflow
     from pipelines.train import model_card
 
@@ -74,7 +73,7 @@ def gate_setup(ray_session, tiny_workspace, tiny_data):
     torch.set_num_threads(1)  # two cores, Ray workers alongside: one thread trains fastest here
     try:
         x, y = load_split_tensors(tiny_data, "train")
-        diffusion = create_diffusion(**diffusion_kwargs(cfg.diffusion))
+        diffusion = build_diffusion(cfg.diffusion)
         versions = {}
         for key, seed in (("untrained", 1), ("first", 0)):
             torch.manual_seed(seed)
@@ -208,3 +207,22 @@ def test_full_evaluation_report_table_bpd_fid(gate_setup, tiny_data):
     assert [row[col] for row in table["data"]] == ["ddim", "dpm_solver"]
     md = open(ev.report_md).read()
     assert "Sampler table" in md and "frechet_distance_real" in md
+
+
+def _echo_after(name: str, spin: int) -> tuple[str, int]:
+    total = 0
+    for i in range(spin):  # busy work of different lengths, so jobs finish out of submission order
+        total += i
+    return name, total
+
+
+def test_runner_returns_results_by_name(ray_session):
+    from pipelines.config import EvaluateConfig
+    from pipelines.evaluate.runner import TaskRunner
+
+    runner = TaskRunner(EvaluateConfig(concurrency=3))
+    spins = {"slow": 3_000_000, "quick": 1, "middle": 100_000, "last": 10}
+    out = runner.run({k: (_echo_after, (k, n)) for k, n in spins.items()}, "test")
+    assert list(out) == list(spins)  # the jobs' order, whatever finished first
+    assert out == {k: (k, n * (n - 1) // 2) for k, n in spins.items()}
+    assert runner.run_one("only", (_echo_after, ("only", 3)), "test") == ("only", 3)

@@ -43,7 +43,7 @@ def served(ray_session, tmp_path_factory):
     import mlflow
 
     from pipelines.config import load_config
-    from pipelines.model_io import diffusion_kwargs, log_and_register
+    from pipelines.model_io import diffusion_card, log_and_register
     from pipelines.serve import deploy_and_check, shutdown
     from pipelines.tracking import setup_mlflow
 
@@ -57,7 +57,7 @@ def served(ray_session, tmp_path_factory):
     exp_id = setup_mlflow(cfg)
     run = mlflow.start_run(experiment_id=exp_id, run_name="serve-test")
     mlflow.end_run()
-    card = {"unet": tiny_unet(0).config, "diffusion": diffusion_kwargs(cfg.diffusion),
+    card = {"unet": tiny_unet(0).config, "diffusion": diffusion_card(cfg.diffusion),
             "data": {"image_size": 8, "channels": 1, "num_classes": 10, "class_names": [str(i) for i in range(10)]},
             "training": {"steps": 0, "run_id": run.info.run_id}}
     log_and_register(tiny_unet(0).state_dict(), card, run_id=run.info.run_id, model_name="serve-tiny",

@@ -3,23 +3,38 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
 import pytest
 import torch
 
-from pipelines.config import ConfigError
+from pipelines.config import ConfigError, load_config
 from pipelines.model_io import load_model
-from pipelines.train import FaultInjection, check_before_start, run_training
+from pipelines.train import FaultInjection, TrainResult, check_before_start, register_trained, run_training
 
-from .conftest import tiny_config
+from .conftest import TINY, tiny_config
 
 pytestmark = pytest.mark.integration
 
 
 def _state(checkpoint_path: str) -> dict:
     return torch.load(Path(checkpoint_path) / "state.pt", weights_only=True)
+
+
+def _loss_steps(checkpoint_path: str) -> list[int]:
+    """The optimizer steps in the checkpoint's bounded loss summary (all of them for these short runs)."""
+    losses = _state(checkpoint_path)["losses"]
+    steps = [s for s, _ in losses["recent"]]
+    assert losses["count"] == len(steps)
+    return steps
+
+
+def _ranks(checkpoint_path: str) -> list[dict]:
+    return [json.loads((Path(checkpoint_path) / f"rank{r}.json").read_text()) for r in range(2)]
 
 
 def test_two_workers_train_track_and_register(trained_model, tiny_cfg):
@@ -48,6 +63,7 @@ def test_two_workers_train_track_and_register(trained_model, tiny_cfg):
 
     mv = client.get_model_version(res.model_name, res.model_version)
     assert mv.tags["steps"] == str(res.steps) and mv.tags["run_id"] == res.mlflow_run_id
+    assert mv.tags["idempotence_key"] == f"{res.mlflow_run_id}:{res.steps}"
     assert str(client.get_model_version_by_alias(res.model_name, "latest-trained").version) == res.model_version
     sampler = load_model(res.model_uri)
     x = sampler.sample(3, sampler="ddim", steps=5, seed=1)
@@ -65,8 +81,11 @@ def test_killed_worker_resumes_from_checkpoint(ray_session, tiny_workspace, tiny
     res = run_training(cfg, tiny_data, register=False,
                        faults=FaultInjection(kill_rank=1, kill_at_step=25, kill_delay_s=3.0))
     assert res.steps == 40 and res.resumed_from_step == 20
-    history = _state(res.checkpoint_path)["history"]
-    assert [s for s, _ in history] == list(range(1, 41))  # every optimizer step exactly once
+    history = _state(res.checkpoint_path)["losses"]["recent"]  # (step, loss) of every step here
+    assert _loss_steps(res.checkpoint_path) == list(range(1, 41))  # every optimizer step exactly once
+    ranks = _ranks(res.checkpoint_path)
+    assert [r["start_step"] for r in ranks] == [20, 20]
+    assert ranks[0]["start_noise"] != ranks[1]["start_noise"]  # after the resume each rank draws its own noise
     client = mlflow.MlflowClient(cfg.tracking_uri)
     logged = client.get_metric_history(res.mlflow_run_id, "loss")
     steps = [m.step for m in logged]
@@ -85,7 +104,72 @@ def test_second_call_with_same_run_name_resumes(trained_model, tiny_workspace, t
     assert more.resumed_from_step == trained_model.steps == 40 and more.steps == 50
     assert more.mlflow_run_id == trained_model.mlflow_run_id  # one MLflow run for one training run
     assert int(more.model_version) == int(trained_model.model_version) + 1
-    assert [s for s, _ in _state(more.checkpoint_path)["history"]] == list(range(1, 51))
+    assert _loss_steps(more.checkpoint_path) == list(range(1, 51))
+
+
+def test_torn_newest_checkpoint_falls_back_to_the_previous_one(ray_session, tiny_workspace, tiny_data):
+    cfg = tiny_config(tiny_workspace, "train.run_name=torn", "train.max_steps=40", "train.checkpoint_every=20",
+                      "train.sample_every=1000")
+    first = run_training(cfg, tiny_data, register=False)
+    newest = Path(first.checkpoint_path)
+    assert newest.name == "checkpoint_00000040"
+    for name in ("model.safetensors", "state.pt"):  # a crash or an interrupted upload
+        data = (newest / name).read_bytes()
+        (newest / name).write_bytes(data[: len(data) // 2])
+    res = run_training(tiny_config(tiny_workspace, "train.run_name=torn", "train.max_steps=60",
+                                   "train.checkpoint_every=20", "train.sample_every=1000"), tiny_data, register=False)
+    assert res.resumed_from_step == 20 and res.steps == 60
+    assert _loss_steps(res.checkpoint_path) == list(range(1, 61))  # exactly 60 optimizer steps, each once
+    ranks = _ranks(res.checkpoint_path)
+    assert [r["start_step"] for r in ranks] == [20, 20] and ranks[0]["start_noise"] != ranks[1]["start_noise"]
+    kept = sorted(p.name for p in newest.parent.glob("checkpoint_0*") if p.is_dir())
+    assert kept == ["checkpoint_00000040_1", "checkpoint_00000060"]  # the torn directory was not reused
+
+
+_KILLED_REGISTRATION = """
+import mlflow, sys
+from pathlib import Path
+from pipelines.config import load_config
+from pipelines.train import FaultInjection, TrainResult, register_trained
+cfg = load_config(None, sys.argv[1:-2])
+mlflow.set_tracking_uri(cfg.tracking_uri)
+out = TrainResult.model_validate_json(sys.argv[-2])
+register_trained(cfg, out, Path(sys.argv[-1]), faults=FaultInjection(kill_after_version_created=True))
+print("not killed")
+"""
+
+
+def test_registration_killed_between_steps_resumes_without_a_duplicate(trained_model, tiny_workspace, tmp_path):
+    import shutil
+
+    overrides = [*TINY, f"workspace.root={tiny_workspace}", "registry.model_name=killed-registration"]
+    cfg = load_config(None, overrides)
+    model_dir = tmp_path / "ema_model"
+    shutil.copytree(Path(trained_model.checkpoint_path) / "ema_model", model_dir)
+    client = mlflow.MlflowClient(cfg.tracking_uri)
+    experiment = client.get_run(trained_model.mlflow_run_id).info.experiment_id
+    run_id = client.create_run(experiment, run_name="killed-registration").info.run_id
+    out = TrainResult(run_name="killed-registration", mlflow_run_id=run_id, checkpoint_path=str(tmp_path),
+                      steps=trained_model.steps, final_loss=None, resumed_from_step=None,
+                      data_fingerprint=trained_model.data_fingerprint)
+    # the driver dies right after the registry created the version, before the alias moved
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
+    proc = subprocess.run([sys.executable, "-c", _KILLED_REGISTRATION, *overrides, out.model_dump_json(),
+                           str(model_dir)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1 and "driver exits after creating version 1" in proc.stdout, proc.stderr[-3000:]
+    assert "not killed" not in proc.stdout
+    versions = client.search_model_versions("name='killed-registration'")
+    assert [str(v.version) for v in versions] == ["1"] and versions[0].tags["idempotence_key"] == f"{run_id}:40"
+    assert not client.get_registered_model("killed-registration").aliases
+
+    mlflow.set_tracking_uri(cfg.tracking_uri)
+    again = register_trained(cfg, out, model_dir)  # the resumed run registers the same (run, step)
+    assert again.model_version == "1"
+    assert [str(v.version) for v in client.search_model_versions("name='killed-registration'")] == ["1"]
+    assert str(client.get_model_version_by_alias("killed-registration", "latest-trained").version) == "1"
+    # a further step is a new key and a new version
+    later = register_trained(cfg, out.model_copy(update={"steps": 41}), model_dir)
+    assert later.model_version == "2"
 
 
 def test_nonfinite_losses_stop_the_run_and_keep_the_checkpoint(ray_session, tiny_workspace, tiny_data):

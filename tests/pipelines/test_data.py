@@ -23,6 +23,7 @@ from PIL import Image
 from pipelines.config import ConfigError, load_config, validate_config
 from pipelines.data import (
     MANIFEST_NAME,
+    LoaderSpec,
     ShardReadError,
     SourceError,
     expand_shard_spec,
@@ -344,7 +345,7 @@ def test_corrupt_png_skip_counts_every_bad_sample(tmp_path, context):
     assert loader.skipped == 3  # counted in the worker process, read here
     if context == "spawn":
         return
-    with pytest.raises(ShardReadError, match=r"mixed-000000.tar: sample 'k000': cannot decode"):
+    with pytest.raises(ShardReadError, match=r"mixed-000000.tar: sample 'k000': bad sample: "):
         list(make_loader([path], num_workers=0, **kw))
 
 
@@ -355,6 +356,101 @@ def test_resampled_all_bad_does_not_spin_forever(tmp_path):
     with pytest.raises(ShardReadError, match="no readable sample"):
         next(iter(loader))
     assert loader.skipped >= 16
+
+
+# ----------------------------------------------------------------------------------- validation on read
+def _shard(path: Path, samples: list[tuple[str, np.ndarray, bytes | None]]) -> str:
+    with wds.TarWriter(str(path), encoder=False) as w:
+        for key, arr, cls in samples:
+            w.write({"__key__": key, "png": _png(arr), **({"cls": cls} if cls is not None else {})})
+    return str(path)
+
+
+GOOD = np.full((4, 4), 7, np.uint8)
+BAD_SAMPLES = {  # key -> (image, label bytes, what the error says); the format is 4x4, L, 10 classes
+    "label-eq-k": (GOOD, b"10", r"label 10: labels must lie in \[0, 10\)"),  # would become the CFG null label
+    "label-neg": (GOOD, b"-1", r"label -1: labels must lie in \[0, 10\)"),
+    "label-none": (GOOD, None, r"no label \(\.cls\)"),
+    "size": (np.zeros((8, 8), np.uint8), b"3", "image is 8x8, expected 4x4"),
+    "not-square": (np.zeros((4, 6), np.uint8), b"3", "image is 6x4, expected 4x4"),
+    "rgb": (np.zeros((4, 4, 3), np.uint8), b"3", r"image has 3 channel\(s\) \(mode RGB\), expected 1"),
+}
+FORMAT = dict(channels=1, image_size=4, num_classes=10)
+
+
+@pytest.mark.parametrize("bad", sorted(BAD_SAMPLES))
+def test_bad_sample_raises_naming_shard_and_key(tmp_path, bad):
+    arr, cls, says = BAD_SAMPLES[bad]
+    path = _shard(tmp_path / "mixed-000000.tar", [("ok-0", GOOD, b"1"), (bad, arr, cls), ("ok-1", GOOD, b"9")])
+    loader = make_loader([path], rank=0, world_size=1, batch_size=8, num_workers=0, resampled=False,
+                         shuffle_buffer=0, **FORMAT)
+    with pytest.raises(ShardReadError, match=rf"mixed-000000\.tar: sample '{bad}': bad sample: .*{says}") as e:
+        list(loader)
+    assert (e.value.url, e.value.key) == (path, bad)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_bad_samples_skipped_and_counted(tmp_path, num_workers):
+    keys = sorted(BAD_SAMPLES)
+    shards = []
+    for s in range(2):  # every bad kind in each shard, between good samples labelled 0..9
+        samples = [(f"s{s}-good-{i}", GOOD, str(i).encode()) for i in range(10)]
+        for j, k in enumerate(keys):
+            arr, cls, _ = BAD_SAMPLES[k]
+            samples.insert(2 * j + 1, (f"s{s}-{k}", arr, cls))
+        shards.append(_shard(tmp_path / f"mixed-{s:06d}.tar", samples))
+    loader = make_loader(shards, rank=0, world_size=1, batch_size=4, num_workers=num_workers, resampled=False,
+                         shuffle_buffer=0, on_error="skip", **FORMAT)
+    batches = list(loader)
+    assert sorted(i for _, y in batches for i in y.tolist()) == sorted(list(range(10)) * 2)
+    assert all(x.shape[1:] == (1, 4, 4) for x, _ in batches)
+    assert loader.skipped == 2 * len(keys)
+
+
+def test_unlabelled_format_refuses_labels(tmp_path):
+    path = _shard(tmp_path / "u-000000.tar", [("a", GOOD, None), ("b", GOOD, b"0")])
+    fmt = dict(rank=0, world_size=1, batch_size=4, num_workers=0, resampled=False, shuffle_buffer=0,
+               channels=1, image_size=4, num_classes=0)
+    with pytest.raises(ShardReadError, match=r"sample 'b'.*label 0 in an unlabelled dataset"):
+        list(make_loader([path], **fmt))
+    loader = make_loader([path], **{**fmt, "on_error": "skip"})
+    assert [y.tolist() for _, y in loader] == [[-1]] and loader.skipped == 1
+
+
+def test_manifest_format_is_enforced_on_read(tmp_path):
+    """load_split_tensors (evaluation) reads the class count and size from the manifest, not from the shards."""
+    root = tmp_path / "imgs"
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((4, 4), 50 * i, np.uint8)).save(root / c / f"{i}.png")
+    res = prepare_data(_cfg(tmp_path / "ws", "data.source=image_folder", f"data.path={root}", "data.image_size=4",
+                            "data.test_fraction=0"), progress=False)
+    assert res.num_classes == 2
+    shard = res.train_urls[0]
+    samples = [(s["__key__"], np.asarray(Image.open(io.BytesIO(s["png"]))), s["cls"]) for s in iter_shard(shard)]
+    samples.insert(2, ("intruder", GOOD[:, :], b"2"))  # label == num_classes, right size
+    samples.insert(4, ("big", np.zeros((5, 5), np.uint8), b"1"))
+    _shard(Path(shard), samples)
+    with pytest.raises(ShardReadError, match=r"sample 'intruder'.*labels must lie in \[0, 2\)"):
+        load_split_tensors(res, "train")
+    x, y = load_split_tensors(res, "train", on_error="skip")
+    assert x.shape == (6, 1, 4, 4) and sorted(y.tolist()) == [0, 0, 0, 1, 1, 1]
+
+
+def test_loader_spec_is_validated_once_and_frozen(id_shards):
+    spec = LoaderSpec(urls=id_shards, rank=1, world_size=2, batch_size=4, channels=1, image_size=4,
+                      num_classes=60)
+    assert isinstance(spec.urls, tuple)
+    with pytest.raises(ValueError, match="frozen"):
+        spec.batch_size = 8
+    loader = make_loader(spec)
+    assert loader.dataset.spec is spec and loader.shards == id_shards[1::2]
+    with pytest.raises(ValueError, match="on_error"):
+        make_loader(spec, on_error="ignore")
+    with pytest.raises(ValueError, match="pin_memory"):  # removed: it was never used
+        make_loader(id_shards, rank=0, world_size=1, batch_size=4, channels=1, pin_memory=True)
+    assert not hasattr(loader, "set_epoch")
 
 
 # ------------------------------------------------------------------------------ fingerprint / atomicity
@@ -417,26 +513,41 @@ def test_shards_source_with_manifest_brace_and_glob(digits):
         assert res.manifest_path == digits.manifest_path and res.mean == digits.mean
 
 
-def test_shards_source_without_manifest_infers(digits, tmp_path):
+def test_shards_source_without_manifest_takes_the_format_from_the_config(digits, tmp_path):
     for u in digits.train_urls[:2]:
         shutil.copy(u, tmp_path / Path(u).name)
-    res = prepare_data(_cfg(tmp_path / "ws", "data.source=shards", f"data.path={tmp_path}/shard-*.tar"),
-                       progress=False)
-    assert res.manifest_path is None and res.num_train is None and res.image_size == 16 and res.num_classes == 10
-    res = prepare_data(_cfg(tmp_path / "ws", "data.source=shards", f"data.path={tmp_path}/shard-*.tar",
-                            "data.num_classes=12"), progress=False)
-    assert res.num_classes == 12
-    with pytest.raises(ConfigError, match="data.image_size"):
-        prepare_data(_cfg(tmp_path / "ws", "data.source=shards", f"data.path={tmp_path}/*.tar", "data.image_size=32"))
+    spec = f"data.path={tmp_path}/shard-*.tar"
+    # the class count is never guessed from the shards (today: max label + 1 of the first shard)
+    with pytest.raises(ConfigError, match=r"data\.num_classes: .*no manifest\.json.*must be set"):
+        prepare_data(_cfg(tmp_path / "ws", "data.source=shards", spec), progress=False)
+    res = prepare_data(_cfg(tmp_path / "ws", "data.source=shards", spec, "data.num_classes=12"), progress=False)
+    assert res.manifest_path is None and res.num_train is None and res.image_size == 16 and res.num_classes == 12
+    assert res.class_names == [str(i) for i in range(12)]
+    with pytest.raises(ConfigError, match=r"data\.path: shard .*shard-000000\.tar: sample 'train-000000'.*16x16"):
+        prepare_data(_cfg(tmp_path / "ws", "data.source=shards", spec, "data.num_classes=10", "data.image_size=32"))
+    with pytest.raises(ConfigError, match=r"sample 'train-000000'.*unlabelled"):
+        prepare_data(_cfg(tmp_path / "ws", "data.source=shards", spec, "data.num_classes=0"))
     with pytest.raises(ConfigError, match="data.path.*matches no files"):
-        prepare_data(_cfg(tmp_path / "ws", "data.source=shards", f"data.path={tmp_path}/nothing-*.tar"))
+        prepare_data(_cfg(tmp_path / "ws", "data.source=shards", f"data.path={tmp_path}/nothing-*.tar",
+                          "data.num_classes=10"))
+
+
+def test_shards_source_with_manifest_refuses_a_conflicting_config(digits):
+    ws = Path(digits.data_dir).parent.parent
+    spec = f"data.path={digits.data_dir}/train/*.tar"
+    for override, field in (("data.num_classes=12", "data.num_classes"), ("data.channels=3", "data.channels"),
+                            ("data.image_size=8", "data.image_size")):
+        with pytest.raises(ConfigError, match=rf"{field}: is .* but the shards' manifest .* says"):
+            prepare_data(_cfg(ws, "data.source=shards", spec, override), progress=False)
+    assert prepare_data(_cfg(ws, "data.source=shards", spec, "data.num_classes=10"), progress=False).num_classes == 10
 
 
 def test_remote_shard_specs_become_urls():
+    # object URIs stay URIs (pipelines.storage streams them; no CLI subprocess)
     assert expand_shard_spec("s3://bucket/d/shard-{000000..000002}.tar") == [
-        f"pipe:aws s3 cp s3://bucket/d/shard-00000{i}.tar -" for i in range(3)
+        f"s3://bucket/d/shard-00000{i}.tar" for i in range(3)
     ]
-    assert expand_shard_spec("gs://b/x-{0..1}.tar") == ["pipe:gsutil cat gs://b/x-0.tar", "pipe:gsutil cat gs://b/x-1.tar"]
+    assert expand_shard_spec("gs://b/x-{0..1}.tar") == ["gs://b/x-0.tar", "gs://b/x-1.tar"]
     assert expand_shard_spec("https://h/x-{00..01}.tar::pipe:cat /a.tar") == [
         "https://h/x-00.tar", "https://h/x-01.tar", "pipe:cat /a.tar"
     ]
@@ -465,3 +576,24 @@ def test_bad_data_config_names_the_field(overrides, field, hint):
 def test_manifest_on_disk_is_relative(digits):
     raw = json.loads((Path(digits.data_dir) / MANIFEST_NAME).read_text())
     assert "root" not in raw and all(not s["path"].startswith("/") for s in raw["splits"]["train"]["shards"])
+
+
+def test_held_out_selector_one_rule(digits, tmp_path):
+    """Evaluation's held-out images: the test split when it has >= 2 images, else the train split (for the
+    reference statistics and bits/dim alike; they used to disagree on a one-image test split)."""
+    from pipelines.evaluate import MIN_HELD_OUT, load_held_out
+
+    x, y, split = load_held_out(digits)
+    assert split == "test" and len(x) == digits.num_test
+    x1, y1, split1 = load_held_out(digits, limit=1)  # a small limit does not change the split
+    assert split1 == "test" and torch.equal(x1, x[:1]) and torch.equal(y1, y[:1])
+    root = tmp_path / "flat"
+    root.mkdir()
+    for i in range(10):
+        Image.fromarray(np.full((4, 4), 20 * i, np.uint8)).save(root / f"im{i}.png")
+    for fraction, n_test in (("0.1", 1), ("0", 0)):
+        res = prepare_data(_cfg(tmp_path / "ws", "data.source=image_folder", f"data.path={root}",
+                                "data.image_size=4", f"data.test_fraction={fraction}"), progress=False)
+        assert res.num_test == n_test < MIN_HELD_OUT
+        x, _, split = load_held_out(res, limit=4)
+        assert split == "train" and len(x) == 4

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from diffusion_core.models import UNet
+from pipelines.config import DiffusionConfig
 from pipelines.engine import (
     Cancelled,
     Engine,
@@ -20,7 +21,7 @@ from pipelines.engine import (
     batch_buckets,
     request_cost,
 )
-from pipelines.model_io import DiffusionSampler
+from pipelines.model_io import DiffusionSampler, diffusion_card
 
 T = 100
 TOL = 1e-4  # the bound for batch independence (CPU fp32)
@@ -33,8 +34,8 @@ def tiny_sampler(seed: int = 0, version: str = "1", learn_sigma: bool = True) ->
     with torch.no_grad():  # an untrained UNet's zero output layer would make every image the same
         for p in unet.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    card = {"unet": unet.config,
-            "diffusion": {"diffusion_steps": T, "noise_schedule": "cosine", "learn_sigma": learn_sigma},
+    diffusion = DiffusionConfig(diffusion_steps=T, noise_schedule="cosine", learn_sigma=learn_sigma)
+    card = {"unet": unet.config, "diffusion": diffusion_card(diffusion),
             "data": {"image_size": 8, "channels": 1, "num_classes": 10}}
     return DiffusionSampler(unet=unet, card=card, info={"name": "tiny", "version": version})
 

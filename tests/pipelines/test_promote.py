@@ -105,7 +105,66 @@ def test_champion_without_recorded_metric_and_bad_inputs(registry):
     assert res.decision == "rejected" and "no recorded frechet_distance" in res.reason
     with pytest.raises(ValueError, match="no such entry"):
         promote(cfg, name, "2", {"bpd": 3.0})
-    with pytest.raises(ConfigError, match="evaluate.primary_metric"):
-        promote(_with(cfg, primary_metric="psnr"), name, "2", {"psnr": 3.0})
     with pytest.raises(ValueError, match="not found"):
         promote(cfg, name, "99", {"frechet_distance": 1.0})
+
+
+def test_primary_metric_is_checked_when_the_config_loads():
+    from typing import get_args
+
+    from pipelines.config import HIGHER_IS_BETTER, LOWER_IS_BETTER, PrimaryMetric
+    from pipelines.evaluate import metric_direction
+
+    assert set(get_args(PrimaryMetric)) == set(LOWER_IS_BETTER) | set(HIGHER_IS_BETTER)
+    assert [metric_direction(m) for m in HIGHER_IS_BETTER] == [True] * len(HIGHER_IS_BETTER)
+    assert [metric_direction(m) for m in LOWER_IS_BETTER] == [False] * len(LOWER_IS_BETTER)
+    with pytest.raises(ConfigError, match=r"evaluate\.primary_metric: .*'frechet_distance'.*'inception_score'"):
+        load_config(None, ["evaluate.primary_metric=psnr"])
+
+
+def test_non_finite_metric_is_never_promoted_even_without_a_champion(registry):
+    from pipelines.evaluate import promote
+
+    cfg, client, name = registry
+    for bad in (math.nan, math.inf):
+        res = promote(cfg, name, "1", {"frechet_distance": bad})
+        assert res.decision == "rejected" and not res.promoted and "not finite" in res.reason
+    assert client.get_registered_model(name).aliases == {}
+    assert "not finite" in client.get_model_version(name, "1").tags["rejected"]
+    higher = _with(cfg, primary_metric="class_accuracy")
+    assert promote(higher, name, "2", {"class_accuracy": math.nan}).decision == "rejected"
+    assert client.get_registered_model(name).aliases == {}
+    assert promote(cfg, name, "3", {"frechet_distance": 2.0}).decision == "promoted"
+
+
+@pytest.mark.parametrize("start_with_champion", [True, False])
+def test_champion_changing_during_the_gate_is_refused(registry, monkeypatch, start_with_champion):
+    """A rival gate moves the alias to v3 right after this gate read the champion: promoting v2 now would
+    replace a champion it was never compared with, so the gate refuses and writes nothing."""
+    from pipelines.evaluate import PromotionConflict, promote
+
+    cfg, client, name = registry
+    if start_with_champion:
+        promote(cfg, name, "1", {"frechet_distance": 10.0})
+    client.set_model_version_tag(name, "3", "eval.frechet_distance", "0.5")  # the rival's (better) number
+    real = mlflow.MlflowClient.get_model_version_by_alias
+    calls = {"n": 0}
+
+    def racing(self, model, alias):
+        try:
+            return real(self, model, alias)  # raises when there is no champion yet
+        finally:
+            calls["n"] += 1
+            if calls["n"] == 1:  # the rival commits between this gate's read and its alias move
+                client.set_registered_model_alias(name, "champion", "3")
+
+    monkeypatch.setattr(mlflow.MlflowClient, "get_model_version_by_alias", racing)
+    with pytest.raises(PromotionConflict, match=r"changed from (v1|none) to v3 while gating v2"):
+        promote(cfg, name, "2", {"frechet_distance": 1.0})
+    monkeypatch.undo()
+    assert _champion(client, name) == "3"
+    tags = client.get_model_version(name, "2").tags
+    assert not any(k.startswith("promotion.") for k in tags) and "rejected" not in tags
+    # run again: compared with the new champion (0.5), 1.0 does not beat it
+    again = promote(cfg, name, "2", {"frechet_distance": 1.0})
+    assert again.decision == "rejected" and again.champion_version == "3" and _champion(client, name) == "3"
