@@ -1,13 +1,21 @@
-"""Closed-loop load test of the sampling endpoint on loopback: dynamic batching on vs off.
+"""Load test of the sampling endpoint (step-level continuous batching) on loopback, through real Ray Serve.
 
 Registers an untrained quickstart UNet (the quickstart config's shape: 16x16x1, 10 classes, T=1000) in a
-temporary MLflow registry, deploys the Serve app twice (``serve.max_batch_size`` = 16, then 1 = batching off) and
-runs ``c`` closed-loop clients (each sends its next request when the previous one returns) at every
-concurrency, bounded by ``--seconds`` and ``--max-requests``. Requests: 1 image, DDIM, 20 steps.
-Reports images/s, p50/p99 latency and errors (non-200 answers, by status) as JSON.
+temporary MLflow registry and deploys the Serve app twice, ``serve.max_batch_size`` = 16 and 1 (unbatched):
 
-    .venv/bin/python benchmarks/serve_load.py                      # full run (~5 min on 2 cores)
-    .venv/bin/python benchmarks/serve_load.py --seconds 8 --concurrency 1 4 16
+1. **levels**: ``c`` closed-loop clients (each sends its next request when the previous one returns) at every
+   concurrency, bounded by ``--seconds`` and ``--max-requests``; 1-image DDIM-20 requests. Images/s, p50/p99,
+   errors by status, and the model-only bound measured in the same run, 16 / (steps x one batch-16 forward).
+Then, on the batched deployment only:
+2. **mixed**: 12 clients on DDPM-1000 and 4 on DDIM-10; the DDIM-10 p50 against its idle p50;
+3. **aborted**: 3 clients give up on 16-image DDPM-1000 requests after 0.5 s; then one 2-step request's latency;
+4. **streams**: 6 streams of 16 images, DDPM-300, guidance 3; a 2-step request's latency while they run;
+5. **rollout**: 8 clients keep sending while @champion moves to a new version; failed requests and the time
+   until a response names the new version (``serve.reload_interval_s`` = ``--reload-interval``).
+``--quick`` shrinks every budget (long requests 50 steps instead of 1000/300) to check the script in seconds.
+
+    .venv/bin/python benchmarks/serve_load.py                      # full run (quiet machine)
+    .venv/bin/python benchmarks/serve_load.py --quick
 """
 
 from __future__ import annotations
@@ -29,6 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, also w
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+DEFAULT_OUT = str(Path(__file__).parent / "results" / "serve_load_cpu.json")
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -78,8 +89,8 @@ async def closed_loop(url: str, concurrency: int, seconds: float, max_requests: 
     }
 
 
-def register_quickstart(workspace: Path) -> tuple[list[str], dict]:
-    """Register an untrained quickstart UNet; returns the config overrides and its size facts."""
+def register_quickstart(workspace: Path, seed: int = 0, alias: str | None = "champion"):
+    """Register an untrained quickstart UNet; returns the config overrides, its size facts and the UNet."""
     import mlflow
     import torch
 
@@ -89,20 +100,161 @@ def register_quickstart(workspace: Path) -> tuple[list[str], dict]:
 
     base = [f"workspace.root={workspace}", "registry.model_name=serve-bench"]
     cfg = load_config(None, base)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     unet = build_unet(cfg.model, image_size=cfg.data.image_size, channels=cfg.data.channels, num_classes=10,
                       learn_sigma=cfg.diffusion.learn_sigma)
     exp = setup_mlflow(cfg)
-    with mlflow.start_run(experiment_id=exp, run_name="serve-bench") as run:
+    with mlflow.start_run(experiment_id=exp, run_name=f"serve-bench-{seed}") as run:
         pass
     card = {"unet": unet.config, "diffusion": diffusion_card(cfg.diffusion),
             "data": {"image_size": cfg.data.image_size, "channels": cfg.data.channels, "num_classes": 10},
             "training": {"steps": 0, "run_id": run.info.run_id}}
-    log_and_register(unet.state_dict(), card, run_id=run.info.run_id, model_name="serve-bench", alias="champion")
+    log_and_register(unet.state_dict(), card, run_id=run.info.run_id, model_name="serve-bench", alias=alias)
     facts = {"preset": cfg.model.preset, "params": sum(p.numel() for p in unet.parameters()),
              "image_size": cfg.data.image_size, "channels": cfg.data.channels, "num_classes": 10,
              "diffusion_steps": cfg.diffusion.diffusion_steps}
-    return base, facts
+    return base, facts, unet
+
+
+def model_only_bound(unet, batch: int, steps: int, threads: int, repeats: int = 5) -> dict:
+    """Images/s of back-to-back batch-``batch`` UNet forwards, ``steps`` per image, in this process."""
+    import torch
+
+    torch.set_num_threads(threads)
+    unet.eval()
+    x = torch.randn(batch, 1, 16, 16)
+    t, y = torch.randint(0, 1000, (batch,)), torch.zeros(batch, dtype=torch.long)
+    times = []
+    with torch.no_grad():
+        for i in range(repeats + 1):
+            start = time.perf_counter()
+            unet(x, t, y=y)
+            if i:
+                times.append(time.perf_counter() - start)
+    fwd = statistics.median(times)
+    return {"batch": batch, "forward_ms": round(fwd * 1000, 2), "images_per_s": round(batch / (steps * fwd), 3)}
+
+
+async def one(c: httpx.AsyncClient, url: str, body: dict) -> tuple[int, float, dict | None]:
+    t = time.perf_counter()
+    r = await c.post(f"{url}/v1/generate", json=body)
+    return r.status_code, time.perf_counter() - t, (r.json() if r.status_code == 200 else None)
+
+
+async def drained(c: httpx.AsyncClient, url: str, timeout_s: float = 600.0) -> None:
+    """Wait until the replica's queue is empty (cancelled work gone)."""
+    deadline = time.perf_counter() + timeout_s
+    while time.perf_counter() < deadline:
+        if (await c.get(f"{url}/healthz")).json().get("queued_cost") == 0:
+            return
+        await asyncio.sleep(0.2)
+
+
+async def until_cancelled(tasks: list[asyncio.Task]) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def mixed(url: str, long_steps: int, seconds: float) -> dict:
+    """12 clients on DDPM-long, 4 on DDIM-10: DDIM-10 p50 vs idle p50."""
+    short = {"num_samples": 1, "sampler": "ddim", "steps": 10}
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=32)) as c:
+        idle = [(await one(c, url, {**short, "seed": i}))[1] for i in range(5)]
+        lat: list[float] = []
+        deadline = time.perf_counter() + seconds
+
+        async def loop(body: dict, record: bool) -> None:
+            while time.perf_counter() < deadline:
+                code, dt, _ = await one(c, url, body)
+                if record and code == 200:
+                    lat.append(dt)
+
+        longs = [asyncio.create_task(loop({"num_samples": 1, "sampler": "ddpm", "steps": long_steps}, False))
+                 for _ in range(12)]
+        await asyncio.sleep(min(2.0, seconds / 4))  # the long requests are in
+        await asyncio.gather(*(loop(short, True) for _ in range(4)))
+        await until_cancelled(longs)  # disconnects: the server drops them
+        await drained(c, url)
+    p_idle, p_load = percentile(idle, 50), percentile(lat, 50)
+    return {"long_steps": long_steps, "ddim10_idle_p50_ms": round(1000 * p_idle, 1),
+            "ddim10_p50_ms": round(1000 * p_load, 1), "ddim10_requests": len(lat),
+            "ratio": round(p_load / p_idle, 2), "target": "ratio <= 3"}
+
+
+async def aborted(url: str, long_steps: int) -> dict:
+    """3 clients give up on 16-image DDPM-long requests after 0.5 s; then a 2-step request."""
+    body = {"num_samples": 16, "sampler": "ddpm", "steps": long_steps}
+    async with httpx.AsyncClient(timeout=0.5) as c:
+        async def give_up(i: int) -> str:
+            try:
+                await c.post(f"{url}/v1/generate", json={**body, "seed": i})
+                return "answered"
+            except httpx.TimeoutException:
+                return "gave_up"
+
+        outcomes = await asyncio.gather(*(give_up(i) for i in range(3)))
+    async with httpx.AsyncClient(timeout=600) as c:
+        code, dt, _ = await one(c, url, {"num_samples": 1, "steps": 2})
+        await drained(c, url)
+    return {"long_steps": long_steps, "aborted": outcomes, "next_status": code, "next_latency_ms": round(1000 * dt, 1),
+            "target": "next_latency <= 2000 ms"}
+
+
+async def streams(url: str, long_steps: int) -> dict:
+    """6 long streams (16 images, DDPM, guidance 3) run; a 2-step request meanwhile."""
+    body = {"num_samples": 16, "sampler": "ddpm", "steps": long_steps, "guidance_scale": 3.0, "class_labels": [1]}
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=16)) as c:
+        started = asyncio.Event()
+        count = 0
+
+        async def stream(i: int) -> None:
+            nonlocal count
+            async with c.stream("POST", f"{url}/v1/generate/stream", json={**body, "seed": i}) as r:
+                async for _line in r.aiter_lines():
+                    count += 1 if _line.startswith("event: start") else 0
+                    if count >= 6:
+                        started.set()
+
+        tasks = [asyncio.create_task(stream(i)) for i in range(6)]
+        await asyncio.wait_for(started.wait(), 120)
+        code, dt, _ = await one(c, url, {"num_samples": 1, "steps": 2})
+        await until_cancelled(tasks)
+        await drained(c, url)
+    return {"long_steps": long_steps, "next_status": code, "next_latency_ms": round(1000 * dt, 1),
+            "target": "next_latency <= 3000 ms"}
+
+
+async def rollout(url: str, move, min_requests: int, reload_interval: float) -> dict:
+    """8 clients keep sending 1-image DDIM-5 requests while ``move()`` moves the alias."""
+    codes: dict[str, int] = {}
+    after, seen_new, moved_at, new_at = 0, False, None, None
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=8)) as c:
+        old = (await c.get(f"{url}/v1/model")).json()["version"]
+
+        async def client(k: int) -> None:
+            nonlocal after, seen_new, new_at
+            while not (seen_new and after >= min_requests):
+                try:
+                    code, _, body = await one(c, url, {"num_samples": 1, "steps": 5, "seed": k})
+                    status = str(code)
+                except httpx.HTTPError as e:
+                    status, body = type(e).__name__, None
+                codes[status] = codes.get(status, 0) + 1
+                if moved_at is not None:
+                    after += 1
+                    if body and body["model"]["version"] != old and not seen_new:
+                        seen_new, new_at = True, time.perf_counter()
+
+        tasks = [asyncio.create_task(client(k)) for k in range(8)]
+        await asyncio.sleep(2.0)
+        new = await asyncio.to_thread(move)
+        moved_at = time.perf_counter()
+        await asyncio.wait_for(asyncio.gather(*tasks), reload_interval + 600)
+    failed = sum(v for k, v in codes.items() if k != "200")
+    return {"old_version": old, "new_version": new, "requests_after_move": after, "by_status": codes,
+            "failed": failed, "new_version_reported_after_s": round(new_at - moved_at, 2),
+            "reload_interval_s": reload_interval, "target": "failed == 0 and reported within reload_interval + 10 s"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,13 +264,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-requests", type=int, default=400, help="request budget per (mode, concurrency)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batch-size", type=int, default=16, help="serve.max_batch_size with batching on")
-    ap.add_argument("--batch-wait", type=float, default=0.25,
-                    help="serve.batch_wait_timeout_s: closed-loop clients need about one HTTP round trip to resubmit")
+    ap.add_argument("--reload-interval", type=float, default=5.0, help="serve.reload_interval_s (rollout)")
+    ap.add_argument("--scenarios", nargs="*", default=["mixed", "aborted", "streams", "rollout"],
+                    help="scenarios after the load levels (on the batched deployment)")
+    ap.add_argument("--quick", action="store_true", help="smoke run: small budgets, long requests of 50 steps")
+    ap.add_argument("--pack-ratio", type=float, default=None,
+                    help="serve.pack_ratio (None: fill every forward; e.g. 4 on CPUs for short-request latency)")
     ap.add_argument("--threads", type=int, default=None, help="serve.threads_per_replica (default: 1 per CPU)")
     ap.add_argument("--port", type=int, default=8765)
     ap.add_argument("--use-gpu", action="store_true")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "serve_load_cpu.json"))
+    ap.add_argument("--out", default=DEFAULT_OUT)
     args = ap.parse_args(argv)
+    if args.quick:
+        args.concurrency, args.seconds, args.max_requests = [1, 4], 3.0, 40
+    long_steps = 50 if args.quick else 1000
+    stream_steps = 50 if args.quick else 300
+    if args.quick and args.out == DEFAULT_OUT:
+        args.out = DEFAULT_OUT.replace(".json", "_quick.json")
 
     import ray
     import torch
@@ -133,12 +295,15 @@ def main(argv: list[str] | None = None) -> int:
     body = {"num_samples": 1, "sampler": "ddim", "steps": args.steps}
     results = []
     with tempfile.TemporaryDirectory() as ws:
-        base, facts = register_quickstart(Path(ws))
+        base, facts, unet = register_quickstart(Path(ws))
+        bound = model_only_bound(unet, args.batch_size, args.steps, args.threads or 1)
+        scenarios: dict[str, dict] = {}
         for mode, batch in (("batched", args.batch_size), ("unbatched", 1)):
             overrides = [*base, f"serve.port={args.port}", f"serve.max_batch_size={batch}",
-                         f"serve.batch_wait_timeout_s={args.batch_wait}",
-                         f"serve.max_samples_per_request={batch}", f"serve.max_ongoing_requests={top}",
-                         f"serve.max_queued_requests={top}", f"serve.use_gpu={str(args.use_gpu).lower()}"]
+                         f"serve.reload_interval_s={args.reload_interval}",
+                         *([f"serve.pack_ratio={args.pack_ratio}"] if args.pack_ratio else []),
+                         f"serve.max_ongoing_requests={max(top, 64)}",
+                         f"serve.max_queued_requests={max(top, 64)}", f"serve.use_gpu={str(args.use_gpu).lower()}"]
             if args.threads:
                 overrides.append(f"serve.threads_per_replica={args.threads}")
             cfg = load_config(None, overrides)
@@ -151,29 +316,78 @@ def main(argv: list[str] | None = None) -> int:
                 r = {"mode": mode, "max_batch_size": batch, **r}
                 print(json.dumps(r), file=sys.stderr)
                 results.append(r)
+            if mode == "batched":
+                scenarios = run_scenarios(deployed.url, args, Path(ws), long_steps, stream_steps)
             shutdown()
     ray.shutdown()
 
     def ips(mode: str, c: int) -> float | None:
         return next((r["images_per_s"] for r in results if r["mode"] == mode and r["concurrency"] == c), None)
 
+    def p50(mode: str, c: int) -> float | None:
+        return next((r["p50_ms"] for r in results if r["mode"] == mode and r["concurrency"] == c), None)
+
     speedups = {str(c): round(ips("batched", c) / ips("unbatched", c), 2)
                 for c in args.concurrency if ips("unbatched", c)}
+    c_hi = 16 if 16 in args.concurrency else max(args.concurrency)
+    checks = {
+        "c1_p50_batched_over_unbatched": round(p50("batched", 1) / p50("unbatched", 1), 3)
+        if 1 in args.concurrency else None,
+        f"c{c_hi}_throughput_batched_over_unbatched": speedups.get(str(c_hi)),
+        f"c{c_hi}_throughput_over_model_only_bound": round(ips("batched", c_hi) / bound["images_per_s"], 3),
+        "targets": "c1 p50 ratio <= 1.15; c16 >= 3x unbatched and >= 0.75 of the model-only bound",
+    }
     report = {
         "benchmark": "serve_load", "command": " ".join(["benchmarks/serve_load.py", *(argv or sys.argv[1:])]),
         "device": "cuda" if args.use_gpu else "cpu", "cpu_count": os.cpu_count(), "platform": platform.platform(),
         "torch": torch.__version__, "ray": ray.__version__, "model": facts,
         "request": body, "seconds_per_level": args.seconds, "max_requests_per_level": args.max_requests,
-        "results": results, "speedup_batched_over_unbatched": speedups,
-        "target": "batched >= 3x unbatched images/s at concurrency 16 with zero errors (2 CPU cores)",
-        "batch_wait_timeout_s": args.batch_wait, "threads_per_replica": args.threads or 1,
+        "quick": args.quick, "results": results, "speedup_batched_over_unbatched": speedups,
+        "model_only_bound": bound, "checks": checks, "scenarios": scenarios,
+        "threads_per_replica": args.threads or 1, "pack_ratio": args.pack_ratio,
         "loadavg_at_start": load_at_start, "loadavg_at_end": os.getloadavg(),
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps({"speedup": speedups, "out": str(out)}))
+    print(table(results, bound))
+    for name, sc in scenarios.items():
+        print(f"{name:<9}", json.dumps(sc))
+    print(json.dumps({"checks": checks, "out": str(out)}))
     return 0
+
+
+def run_scenarios(url: str, args, ws: Path, long_steps: int, stream_steps: int) -> dict[str, dict]:
+    """The batched deployment's scenarios (each leaves the replica's queue empty)."""
+    import mlflow
+
+    def move() -> str:
+        register_quickstart(ws, seed=1, alias=None)
+        client = mlflow.MlflowClient()
+        version = max(int(v.version) for v in client.search_model_versions("name='serve-bench'"))
+        client.set_registered_model_alias("serve-bench", "champion", str(version))
+        return str(version)
+
+    runs = {"mixed": lambda: mixed(url, long_steps, args.seconds),
+            "aborted": lambda: aborted(url, long_steps),
+            "streams": lambda: streams(url, stream_steps),
+            "rollout": lambda: rollout(url, move, 40 if args.quick else 100, args.reload_interval)}
+    out = {}
+    for name in args.scenarios:
+        out[name] = asyncio.run(runs[name]())
+        print(name, json.dumps(out[name]), file=sys.stderr, flush=True)
+    return out
+
+
+def table(results: list[dict], bound: dict) -> str:
+    head = f"{'mode':<10}{'c':>4}{'img/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'batch':>7}{'errors':>7}"
+    lines = [head, "-" * len(head)]
+    for r in results:
+        lines.append(f"{r['mode']:<10}{r['concurrency']:>4}{r['images_per_s']:>9.2f}{r['p50_ms']:>9.1f}"
+                     f"{r['p99_ms']:>9.1f}{(r['mean_batch_size'] or 0):>7.1f}{r['errors']:>7}")
+    lines.append(f"model-only bound at batch {bound['batch']}: {bound['images_per_s']} img/s "
+                 f"({bound['forward_ms']} ms per forward)")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -48,9 +49,16 @@ def save(images: list[Image.Image], out_dir: str | Path, prefix: str = "sample")
     return paths
 
 
-def generate_raw(url: str, *, timeout: float = 300.0, **params: Any) -> dict[str, Any]:
-    """POST ``/v1/generate`` and return the JSON answer (``images`` base64, ``seed``, ``batch_size``, ...)."""
-    return _check(requests.post(f"{url.rstrip('/')}/v1/generate", json=params, timeout=timeout)).json()
+def generate_raw(url: str, *, timeout: float = 300.0, retries: int = 3, **params: Any) -> dict[str, Any]:
+    """POST ``/v1/generate`` and return the JSON answer (``images`` base64, ``seed``, ``batch_size``, ``model``
+    with the version that made them, ...). A 503 with ``Retry-After`` (queue full, model loading) is retried up
+    to ``retries`` times after the advised wait."""
+    for attempt in range(retries + 1):
+        r = requests.post(f"{url.rstrip('/')}/v1/generate", json=params, timeout=timeout)
+        if r.status_code != 503 or attempt == retries or "Retry-After" not in r.headers:
+            return _check(r).json()
+        time.sleep(min(30.0, float(r.headers["Retry-After"])))
+    raise AssertionError("unreachable")
 
 
 def generate(url: str, *, out_dir: str | Path | None = None, timeout: float = 300.0,

@@ -267,15 +267,30 @@ class ServeConfig(_Section):
     model_uri: str | None = Field(None, description="Model to serve (None: models:/<registry.model_name>@champion).")
     use_gpu: bool = False
     num_replicas: int = Field(1, ge=1)
-    max_batch_size: int = Field(16, ge=1, description="Images per batched sampling run.")
-    batch_wait_timeout_s: float = Field(0.05, ge=0)
-    max_ongoing_requests: int = Field(32, ge=1, description="Per replica; beyond it requests get 503.")
+    max_batch_size: int = Field(16, ge=1, description="Most rows in one UNet forward of the engine (1 = unbatched); "
+                                "a guided image counts 2 rows, a larger request is spread over several forwards.")
     max_samples_per_request: int = Field(16, ge=1)
+    max_request_cost: int | None = Field(
+        None, ge=1, description="Most rows x steps (x2 with guidance) one request may cost; beyond it 422 "
+        "(None: max_samples_per_request x T x 2, the largest request the other bounds accept).")
+    max_queue_cost: int | None = Field(
+        None, ge=1, description="Most outstanding cost per replica; beyond it 503 with Retry-After "
+        "(None: 8 x max_request_cost).")
+    request_timeout_s: float | None = Field(
+        300.0, gt=0, description="A request not done after this long is dropped at the next step (504); None: never.")
+    reload_interval_s: float = Field(
+        15.0, ge=0, description="Seconds between polls of the served registry alias; a moved alias is loaded in the "
+        "background and swapped in between steps (0: never).")
+    compile: bool = Field(False, description="torch.compile the UNet (warm-up per padded batch size, no recompiles).")
+    pack_ratio: float | None = Field(
+        None, ge=1, description="None: fill every UNet forward up to max_batch_size (GPUs). A number: a forward only "
+        "packs requests whose remaining work is at most this times the shortest one's (CPUs, where a forward's time "
+        "grows with its rows: short requests then run in small, fast forwards; starved ones always join).")
+    max_ongoing_requests: int = Field(256, ge=1, description="Per replica, HTTP requests held (streams included).")
     keep_alive: bool = Field(False, description="Keep serving after the deploy stage (local runs).")
     max_queued_requests: int = Field(
-        16, ge=1, description="Requests allowed to wait for a model replica slot, per caller (Serve's "
-        "max_queued_requests; it also counts requests being assigned, so keep it >= the expected burst); "
-        "beyond max_ongoing_requests + this, requests get 503.",
+        64, ge=1, description="Requests allowed to wait at the proxy for a replica slot beyond max_ongoing_requests; "
+        "beyond them requests get 503.",
     )
     autoscaling_config: dict[str, Any] | None = Field(
         None, description="Ray Serve autoscaling_config (min_replicas, max_replicas, target_ongoing_requests, ...); "
@@ -285,6 +300,10 @@ class ServeConfig(_Section):
     threads_per_replica: int | None = Field(
         None, ge=1, description="torch.set_num_threads in each model replica (None: max(1, cpus_per_replica))."
     )
+
+    def request_cost_bound(self, num_timesteps: int) -> int:
+        """``max_request_cost``, or its default for a model of T steps: max_samples_per_request x T x 2."""
+        return self.max_request_cost or self.max_samples_per_request * int(num_timesteps) * 2
 
 
 class RayConfig(_Section):
@@ -308,10 +327,6 @@ class PipelineConfig(_Section):
     def _cross_checks(self) -> PipelineConfig:
         if self.data.source in ("image_folder", "cifar10", "shards") and not self.data.path:
             raise ValueError(f"data.path is required when data.source is '{self.data.source}'")
-        s = self.serve
-        if s.max_samples_per_request > s.max_batch_size:
-            raise ValueError(f"serve.max_samples_per_request ({s.max_samples_per_request}) must be <= "
-                             f"serve.max_batch_size ({s.max_batch_size}): one request must fit one batched run")
         return self
 
     @property

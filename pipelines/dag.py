@@ -175,7 +175,15 @@ def _promote(cfg: PipelineConfig, up: dict, parent: str) -> dict:
     from pipelines.evaluate import promote
 
     ev = up["evaluate"]
-    return promote(cfg, ev["model_name"], ev["model_version"], ev["metrics"]).model_dump(mode="json")
+    out = promote(cfg, ev["model_name"], ev["model_version"], ev["metrics"]).model_dump(mode="json")
+    if out["promoted"]:  # replicas serving the alias on this cluster reload now (they also poll it)
+        from pipelines.serve import trigger_reload
+
+        try:
+            trigger_reload()
+        except Exception as e:  # serving is not this stage's outcome: the replicas' poll catches up
+            print(f"promote: immediate reload of the serving replicas failed ({type(e).__name__}: {e})", flush=True)
+    return out
 
 
 def _deploy(cfg: PipelineConfig, up: dict, parent: str) -> dict:

@@ -1,37 +1,53 @@
-"""Ray Serve sampling endpoint: a FastAPI ingress deployment in front of a batched model deployment.
+"""Ray Serve sampling endpoint: a FastAPI ingress deployment whose replicas each run the sampling engine.
 
-- ``DiffusionModel`` loads the registered model (``pipelines.model_io.load_model``: EMA weights, eval mode, on the
-  GPU when ``serve.use_gpu``) and samples. Its ``generate`` method is a ``@serve.batch`` whose batch size is
-  counted in images; :func:`pipelines.batching.run_jobs` runs one sampling call per (sampler, steps, eta,
-  guidance_scale) group with per-request generators, so a request's images do not depend on its batch-mates.
-- ``DiffusionIngress`` (FastAPI) validates requests (422 naming the field), encodes PNGs, turns Serve's
-  backpressure (``max_queued_requests`` beyond ``max_ongoing_requests``) into 503 and streams SSE previews.
+- Every replica of ``DiffusionIngress`` owns one :class:`pipelines.engine.Engine` whose loop runs in a thread:
+  step-level continuous batching with per-row ``t``, cancellation at step boundaries, admission by cost
+  (``serve.max_request_cost``, ``serve.max_queue_cost``) and ``serve.request_timeout_s``. Streams (SSE) are
+  ordinary engine requests with previews.
+- :class:`ModelFollower` loads the served model in the background and follows its registry alias: it polls
+  every ``serve.reload_interval_s`` (and on :meth:`DiffusionIngress.reload`), loads a moved alias's version and
+  swaps it in between steps; requests in flight finish on the version they started with. A version that fails
+  to load leaves the old one serving (logged).
+- HTTP: strict request schema (422 naming the field, no coercion), 503 (+ ``Retry-After``) when the queue is full
+  or before the first model has loaded, 504 past the request timeout, 500 with a request id for our faults.
 
 Entry points: :func:`build_app` (a ``serve run`` application builder), the module attribute ``app`` (built on
-first access from ``DIFFUSION_PIPELINE_CONFIG`` / ``DIFFUSION_PIPELINE_MODEL_URI``), :func:`deploy` and
-:func:`shutdown`. ``serve run`` started in the background ignores SIGINT: stop it with SIGTERM.
+first access from ``DIFFUSION_PIPELINE_CONFIG`` / ``DIFFUSION_PIPELINE_MODEL_URI``), :func:`deploy`,
+:func:`deploy_and_check`, :func:`serve_forever`, :func:`trigger_reload` and :func:`shutdown`. ``serve run``
+started in the background ignores SIGINT: stop it with SIGTERM.
 """
 
 # No ``from __future__ import annotations`` here: Serve's ingress re-wraps the route methods, and FastAPI must
 # see real classes (not strings) in their signatures.
 import asyncio
 import json
+import logging
 import os
+import re
 import secrets
 import signal
+import threading
 import time
+import uuid
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 from ray import serve
-from ray.serve.exceptions import BackPressureError
-from ray.serve.handle import DeploymentHandle
 
 from diffusion_core.samplers import SAMPLERS
-from pipelines.batching import SampleJob, images_in, progressive_events, run_jobs
 from pipelines.config import PipelineConfig, ServeConfig, load_config
+from pipelines.engine import (
+    Engine,
+    EngineError,
+    NotReady,
+    Overloaded,
+    SampleResult,
+    SampleSpec,
+    TimedOut,
+    TooCostly,
+)
 from pipelines.serve_schemas import (
     MAX_BODY_BYTES,
     GenerateRequest,
@@ -47,51 +63,100 @@ APP_NAME = "diffusion"
 ENV_CONFIG = "DIFFUSION_PIPELINE_CONFIG"
 ENV_MODEL_URI = "DIFFUSION_PIPELINE_MODEL_URI"
 ENV_OVERRIDES = "DIFFUSION_PIPELINE_SET"  # ";"-separated KEY=VALUE overrides
+log = logging.getLogger("pipelines.serve")
+_ALIAS_URI = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/]+)$")
 
 
-# ---------------------------------------------------------------------------------------------- model replica
-@serve.deployment(name="DiffusionModel")
-class DiffusionModel:
-    """Holds one loaded sampler; batched ``generate`` and unbatched ``stream``."""
+def default_preview_every(steps: int) -> int:
+    """About four previews per run."""
+    return max(1, int(steps) // 4)
 
-    def __init__(self, model_uri: str, tracking_uri: str | None, serve_cfg: dict[str, Any]) -> None:
-        import torch
 
+# ---------------------------------------------------------------------------------------------- live rollout
+class ModelFollower:
+    """Loads the served model into an engine and follows a ``models:/name@alias`` URI.
+
+    A background thread checks the alias at start, every ``reload_interval_s`` (0: only when woken by
+    :meth:`check_now`) and, before the first load succeeds, every few seconds. A new version is loaded pinned
+    (``models:/name/<version>``) off the loop thread, then swapped in between steps. Other URIs (a version,
+    ``runs:/``, a directory) are loaded once.
+    """
+
+    RETRY_S = 5.0
+
+    def __init__(self, engine: Engine, uri: str, tracking_uri: str | None, cfg: ServeConfig, device: str) -> None:
+        self.engine, self.uri, self.tracking_uri, self.cfg, self.device = engine, uri, tracking_uri, cfg, device
+        self.follows_alias = _ALIAS_URI.match(uri) is not None
+        self.first_attempt = threading.Event()
+        self.load_error: str | None = None
+        self.failed: dict[str, str] = {}  # version -> why it did not load (not retried)
+        self._wake = threading.Event()
+        self._lock = threading.Lock()
+        threading.Thread(target=self._run, name="model-follower", daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            self.check()
+            self.first_attempt.set()
+            loaded = self.engine.model is not None
+            if not loaded:
+                wait = self.RETRY_S
+            elif self.follows_alias and self.cfg.reload_interval_s > 0:
+                wait = self.cfg.reload_interval_s
+            else:
+                wait = None
+            self._wake.wait(wait)
+            self._wake.clear()
+
+    def check_now(self) -> None:
+        """Wake the follower (the promote stage's immediate reload)."""
+        self._wake.set()
+
+    def _target(self) -> tuple[str, dict[str, Any]]:
+        """(URI to load, registry facts) of what the served URI points at now."""
+        from pipelines.model_io import resolve_model_version
+
+        info = resolve_model_version(self.uri)
+        if self.follows_alias:
+            return f"models:/{info['name']}/{info['version']}", info
+        return self.uri, info
+
+    def check(self) -> str | None:
+        """Load and swap in the URI's current version if it is not the one served; returns the served version.
+        Never raises: a failure is logged and the old version keeps serving."""
         from pipelines.model_io import load_model
 
-        self.cfg = ServeConfig(**serve_cfg)
-        torch.set_num_threads(self.cfg.threads_per_replica or max(1, int(self.cfg.cpus_per_replica)))
-        device = "cuda" if self.cfg.use_gpu and torch.cuda.is_available() else "cpu"
-        self.sampler = load_model(model_uri, device=device, tracking_uri=tracking_uri)
-        self.model_uri = model_uri
-        # Batch size counts images (the config guarantees one request of max_samples_per_request fits).
-        self.max_images = self.cfg.max_batch_size
-        self.generate.set_max_batch_size(self.max_images)
-        self.generate.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
+        with self._lock:
+            version = None
+            try:
+                if self.tracking_uri:
+                    import mlflow
 
-    def describe(self) -> dict[str, Any]:
-        """Registry and shape facts of the loaded model (``GET /v1/model``)."""
-        s, info, card = self.sampler, self.sampler.info or {}, self.sampler.card
-        training = card.get("training", {})
-        return ModelInfo(
-            name=info.get("name"), version=info.get("version"), uri=info.get("uri", self.model_uri),
-            run_id=info.get("run_id") or training.get("run_id"), image_size=s.image_size, channels=s.channels,
-            num_classes=s.num_classes, class_names=card.get("data", {}).get("class_names"),
-            num_timesteps=s.num_timesteps, training_steps=training.get("steps"),
-            samplers=list(SAMPLERS), max_samples_per_request=self.cfg.max_samples_per_request,
-            max_batch_size=self.max_images, device=str(s.device),
-        ).model_dump()
-
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.05, batch_size_fn=images_in)
-    async def generate(self, jobs: list[SampleJob]) -> list:
-        # Sampling blocks: run it off the event loop so requests keep queueing into the next batch.
-        return await asyncio.to_thread(run_jobs, self.sampler, jobs)
-
-    async def stream(self, job: SampleJob, preview_every: int | None):
-        yield {"event": "start", "total": job.steps}
-        events = progressive_events(self.sampler, job, preview_every)
-        while (event := await asyncio.to_thread(next, events, None)) is not None:
-            yield event
+                    mlflow.set_tracking_uri(self.tracking_uri)
+                load_uri, info = self._target()
+                version = info.get("version")
+                if self.engine.model is not None and (version == self.engine.version or not self.follows_alias):
+                    return self.engine.version
+                if version in self.failed:
+                    return self.engine.version
+                sampler = load_model(load_uri, device=self.device, tracking_uri=self.tracking_uri)
+                sampler.info = {**(sampler.info or {}), **info, "uri": self.uri}
+                slot = self.engine.prepare(sampler, version)
+                cost = self.cfg.request_cost_bound(sampler.num_timesteps)
+                self.engine.max_request_cost = cost
+                self.engine.max_queue_cost = self.cfg.max_queue_cost or 8 * cost
+                self.engine.swap(slot)
+                self.load_error = None
+                log.info("serving %s version %s", self.uri, version)
+            except Exception as e:  # keep serving what we have
+                why = f"{type(e).__name__}: {e}"
+                if version is not None:
+                    self.failed[version] = why
+                if self.engine.model is None:
+                    self.load_error = why
+                log.warning("could not load %s (version %s): %s; still serving version %s", self.uri, version, why,
+                            self.engine.version)
+            return self.engine.version
 
 
 # ---------------------------------------------------------------------------------------------- HTTP ingress
@@ -130,63 +195,157 @@ class BodyLimit:
 
 api = FastAPI(
     title="diffusion-pipeline sampling API",
-    version="1",
-    description="Batched diffusion sampling from a model in the MLflow registry. Bad input answers 422 naming "
-                "the field; overload answers 503.",
+    version="2",
+    description="Diffusion sampling from a model in the MLflow registry, continuously batched at the step level. "
+                "Bad input answers 422 naming the field (no type coercion); a full queue or a model not yet loaded "
+                "503 with Retry-After; a request past serve.request_timeout_s 504; a server fault 500 with a "
+                "request id.",
 )
 api.add_middleware(BodyLimit)
 
 _ERRORS = {422: {"description": "Invalid field, or a body over the size limit (named in detail)"},
-           503: {"description": "Overloaded (retry later) or model not loaded"}}
+           500: {"description": "Server fault (detail names a request id to look up in the logs)"},
+           503: {"description": "Queue full (retry after Retry-After seconds) or model not loaded yet"},
+           504: {"description": "Not done within serve.request_timeout_s"}}
 
 
 def _unprocessable(errors: list[dict[str, Any]]) -> JSONResponse:
     return JSONResponse(status_code=422, content={"detail": errors})
 
 
-def _overloaded(what: str) -> JSONResponse:
-    return JSONResponse(status_code=503, headers={"Retry-After": "1"},
-                        content={"detail": f"{what}: too many requests in flight, retry later"})
+def _unavailable(detail: str) -> JSONResponse:
+    return JSONResponse(status_code=503, headers={"Retry-After": "1"}, content={"detail": detail})
+
+
+def _fault(e: BaseException) -> JSONResponse:
+    """500 with a request id; the exception goes to the log only."""
+    rid = uuid.uuid4().hex[:12]
+    log.error("request %s failed: %s: %s", rid, type(e).__name__, e, exc_info=e)
+    return JSONResponse(status_code=500, headers={"X-Request-Id": rid},
+                        content={"detail": "internal server error", "request_id": rid})
+
+
+@api.exception_handler(Exception)
+async def _unhandled(request: Request, exc: Exception):
+    return _fault(exc)
+
+
+def _engine_error(e: EngineError) -> JSONResponse:
+    if isinstance(e, TooCostly):
+        return _unprocessable([{"loc": ["body", f], "msg": str(e), "type": "value_error"}
+                               for f in ("num_samples", "steps")])
+    if isinstance(e, (Overloaded, NotReady)):
+        return _unavailable(str(e))
+    if isinstance(e, TimedOut):
+        return JSONResponse(status_code=504, content={"detail": str(e)})
+    return _fault(e)
 
 
 def _sse(event: str, data: dict[str, Any]) -> str:
     return f"event: {event}\ndata: {json.dumps(data)}\n\n"
 
 
+def _ref(result: SampleResult) -> ModelRef:
+    info = result.model_info
+    return ModelRef(name=info.get("name"), version=result.version or info.get("version"), uri=info.get("uri", ""))
+
+
+async def _until_disconnect(request: Request) -> None:
+    """Return when the client disconnects (the body has been read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _outcome(ticket, request: Request) -> SampleResult | None:
+    """The ticket's result, or None when the client went away first (the request is then cancelled)."""
+    work = asyncio.wrap_future(ticket.future)
+    gone = asyncio.ensure_future(_until_disconnect(request))
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:  # Serve cancels the handler when the client disconnects
+        ticket.cancel()
+        work.add_done_callback(lambda f: f.cancelled() or f.exception())
+        raise
+    finally:
+        gone.cancel()
+    if not work.done():
+        ticket.cancel()
+        work.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved: nobody waits for it
+        return None
+    return work.result()
+
+
 @serve.deployment(name="DiffusionIngress")
 @serve.ingress(api)
 class DiffusionIngress:
-    """HTTP face: validation, PNG encoding, 503 on backpressure, SSE streaming."""
+    """One replica: the HTTP face (validation, PNG encoding, SSE) and its sampling engine."""
 
-    def __init__(self, model: DeploymentHandle, serve_cfg: dict[str, Any], tracking_uri: str | None = None) -> None:
+    def __init__(self, model_uri: str, tracking_uri: str | None, serve_cfg: dict[str, Any]) -> None:
+        import torch
+
         from pipelines.playground import mlflow_ui_url
 
-        self.model = model
-        self.cfg = ServeConfig(**serve_cfg)
-        self._info: ModelInfo | None = None
         self.mlflow_ui = mlflow_ui_url(tracking_uri)
+        self.cfg = cfg = ServeConfig(**serve_cfg)
+        torch.set_num_threads(cfg.threads_per_replica or max(1, int(cfg.cpus_per_replica)))
+        device = "cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu"
+        self.model_uri = model_uri
+        self.engine = Engine(max_batch_size=cfg.max_batch_size, max_request_cost=cfg.max_request_cost or 1,
+                             max_queue_cost=cfg.max_queue_cost or 1, request_timeout_s=cfg.request_timeout_s,
+                             compile=cfg.compile, pack_ratio=cfg.pack_ratio).start()
+        self.follower = ModelFollower(self.engine, model_uri, tracking_uri, cfg, device)
 
-    async def info(self) -> ModelInfo:
-        if self._info is None:
-            self._info = ModelInfo(**await self.model.describe.remote())
-        return self._info
+    def check_health(self) -> None:
+        """Serve's replica health check: a dead sampling loop gets the replica restarted."""
+        if not self.engine.alive:
+            raise RuntimeError("the sampling loop is not running")
 
-    async def describe(self) -> dict[str, Any]:
-        """Model facts for Python callers of the ingress handle (``deploy``)."""
-        return (await self.info()).model_dump()
+    def _info(self) -> ModelInfo | None:
+        s = self.engine.model
+        if s is None:
+            return None
+        info, card = s.info or {}, s.card
+        training = card.get("training", {})
+        return ModelInfo(
+            name=info.get("name"), version=self.engine.version or info.get("version"),
+            uri=info.get("uri", self.model_uri), run_id=info.get("run_id") or training.get("run_id"),
+            image_size=s.image_size, channels=s.channels, num_classes=s.num_classes,
+            class_names=card.get("data", {}).get("class_names"), num_timesteps=s.num_timesteps,
+            training_steps=training.get("steps"), samplers=list(SAMPLERS),
+            max_samples_per_request=self.cfg.max_samples_per_request, max_batch_size=self.cfg.max_batch_size,
+            max_request_cost=self.engine.max_request_cost, reload_interval_s=self.cfg.reload_interval_s,
+            device=str(s.device),
+        )
 
-    async def _job(self, body: GenerateRequest) -> tuple[SampleJob | None, JSONResponse | None]:
-        info = await self.info()
+    async def describe(self, timeout_s: float = 600.0) -> dict[str, Any]:
+        """Model facts for Python callers of the handle (``deploy``): waits for the first load, raises its error."""
+        deadline = time.monotonic() + timeout_s
+        while self.engine.model is None:
+            if self.follower.first_attempt.is_set() and self.follower.load_error:
+                raise RuntimeError(f"could not load {self.model_uri}: {self.follower.load_error}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.model_uri} not loaded after {timeout_s} s")
+            await asyncio.sleep(0.1)
+        return self._info().model_dump()
+
+    async def reload(self) -> str | None:
+        """Check the served alias now and swap in a moved version (returns the version served after)."""
+        return await asyncio.to_thread(self.follower.check)
+
+    def _spec(self, body: GenerateRequest, preview_every: int | None = None):
+        """(SampleSpec, None) or (None, error response) for a validated body."""
+        info = self._info()
+        if info is None:
+            return None, _unavailable(f"model not loaded yet ({self.follower.load_error or 'loading'})")
         errors = check_request(body, max_samples=self.cfg.max_samples_per_request,
-                               num_timesteps=info.num_timesteps, num_classes=info.num_classes)
+                               num_timesteps=info.num_timesteps, num_classes=info.num_classes,
+                               max_cost=self.engine.max_request_cost)
         if errors:
             return None, _unprocessable(errors)
         seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
-        return SampleJob(num_samples=body.num_samples, seed=seed, sampler=body.sampler, steps=body.steps,
-                         eta=body.eta, guidance_scale=body.guidance_scale, class_labels=body.class_labels), None
-
-    def _ref(self, info: ModelInfo) -> ModelRef:
-        return ModelRef(name=info.name, version=info.version, uri=info.uri)
+        return SampleSpec(num_samples=body.num_samples, seed=seed, sampler=body.sampler, steps=body.steps,
+                          eta=body.eta, guidance_scale=body.guidance_scale, class_labels=body.class_labels,
+                          preview_every=preview_every), None
 
     @api.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def playground(self) -> HTMLResponse:
@@ -197,83 +356,96 @@ class DiffusionIngress:
 
     @api.get("/healthz", responses={503: _ERRORS[503]})
     async def healthz(self):
-        """200 once the model replica has loaded the model."""
-        try:
-            info = await asyncio.wait_for(self.info(), timeout=10)
-        except Exception as e:  # not loaded (yet), or unreachable
-            return JSONResponse(status_code=503, content={"status": "unavailable", "detail": str(e)})
-        return {"status": "ok", "model": info.uri}
+        """200 while the sampling loop runs and a model is loaded; the body is the engine's live state."""
+        state = self.engine.health()
+        ok = state["loop_alive"] and state["model_loaded"]
+        body = {"status": "ok" if ok else "unavailable", "model": self.model_uri, **state,
+                "load_error": self.follower.load_error, "failed_versions": dict(self.follower.failed)}
+        return JSONResponse(status_code=200 if ok else 503, content=body)
 
-    @api.get("/v1/model", response_model=ModelInfo)
-    async def model_info(self) -> ModelInfo:
-        """Registry name, version, run id, image size, classes, training steps of the served model."""
-        return await self.info()
+    @api.get("/v1/model", response_model=ModelInfo, responses={503: _ERRORS[503]})
+    async def model_info(self):
+        """Registry name, version, run id, image size, classes, training steps and limits of the served model."""
+        info = self._info()
+        return info if info is not None else _unavailable("model not loaded yet")
 
     @api.post("/v1/generate", response_model=GenerateResponse,
               responses={**_ERRORS, 200: {"content": {"image/png": {}},
                                           "description": "JSON, or one PNG grid with `Accept: image/png`"}})
     async def generate(self, body: GenerateRequest, request: Request):
-        """Sample ``num_samples`` images; concurrent requests share batched sampling runs."""
-        job, error = await self._job(body)
+        """Sample ``num_samples`` images; concurrent requests share UNet forwards step by step."""
+        received = time.perf_counter()
+        spec, error = self._spec(body)
         if error is not None:
             return error
         try:
-            result = await self.model.generate.remote(job)
-        except BackPressureError:
-            return _overloaded("model")
-        if result.error is not None:
-            return _unprocessable([{"loc": ["body"], "msg": result.error, "type": "value_error"}])
+            ticket = self.engine.submit(spec)
+            result = await _outcome(ticket, request)
+        except EngineError as e:
+            return _engine_error(e)
+        if result is None:  # the client has gone: nobody reads this
+            return Response(status_code=499)
         from pipelines.images import make_grid, png_bytes, to_png_b64
 
-        start = time.time()
+        start = time.perf_counter()
+        headers = {"X-Seed": str(spec.seed), "X-Batch-Size": str(result.batch_size),
+                   "X-Model-Version": str(result.version)}
         if "image/png" in request.headers.get("accept", ""):
             png = await asyncio.to_thread(lambda: png_bytes(make_grid(result.images)))
-            return Response(content=png, media_type="image/png",
-                            headers={"X-Seed": str(job.seed), "X-Batch-Size": str(result.batch_size)})
+            return Response(content=png, media_type="image/png", headers=headers)
         images = await asyncio.to_thread(to_png_b64, result.images)
-        end = time.time()
+        end = time.perf_counter()
         return GenerateResponse(
-            images=images, seed=job.seed, model=self._ref(await self.info()), sampler=job.sampler,
-            steps=job.steps, batch_size=result.batch_size,
+            images=images, seed=spec.seed, model=_ref(result), sampler=spec.sampler, steps=spec.steps,
+            batch_size=result.batch_size,
             timings_ms={"queue": round(result.queue_ms, 2), "sample": round(result.sample_ms, 2),
-                        "encode": round((end - start) * 1000, 2),
-                        "total": round((end - job.received_at) * 1000, 2)},
+                        "encode": round((end - start) * 1000, 2), "total": round((end - received) * 1000, 2)},
         )
 
     @api.post("/v1/generate/stream", responses={**_ERRORS, 200: {"content": {"text/event-stream": {}}}})
     async def generate_stream(self, body: StreamRequest):
-        """Server-sent events: ``preview`` (x0 prediction every k steps), then ``final`` (a GenerateResponse)."""
-        job, error = await self._job(body)
+        """Server-sent events: ``start``, ``preview`` (x0 prediction every k steps), then ``final`` (a
+        GenerateResponse) or ``error``. A stream is an ordinary engine request; closing it cancels the request."""
+        received = time.perf_counter()
+        spec, error = self._spec(body, body.preview_every or default_preview_every(body.steps))
         if error is not None:
             return error
-        events = self.model.options(stream=True).stream.remote(job, body.preview_every)
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
         try:
-            first = await events.__anext__()  # backpressure surfaces here, before the 200 is sent
-        except BackPressureError:
-            return _overloaded("model")
-        info = await self.info()
+            ticket = self.engine.submit(spec, on_event=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+        except EngineError as e:
+            return _engine_error(e)
+        ticket.future.add_done_callback(lambda _f: loop.call_soon_threadsafe(events.put_nowait, None))
+        return StreamingResponse(self._sse(spec, ticket, events, received), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Seed": str(spec.seed)})
 
-        async def sse():
-            from pipelines.images import to_png_b64
+    async def _sse(self, spec: SampleSpec, ticket, events: asyncio.Queue, received: float):
+        from pipelines.images import to_png_b64
 
-            yield _sse("start", {"seed": job.seed, "total": first["total"], "num_samples": job.num_samples})
+        try:
+            yield _sse("start", {"seed": spec.seed, "total": spec.steps, "num_samples": spec.num_samples})
+            while (ev := await events.get()) is not None:
+                images = await asyncio.to_thread(to_png_b64, ev["images"])
+                yield _sse("preview", PreviewEvent(step=ev["step"], total=ev["total"], images=images).model_dump())
             try:
-                async for ev in events:
-                    images = await asyncio.to_thread(to_png_b64, ev["images"])
-                    if ev["event"] == "preview":
-                        yield _sse("preview", PreviewEvent(step=ev["step"], total=ev["total"],
-                                                           images=images).model_dump())
-                    else:
-                        total_ms = round((time.time() - job.received_at) * 1000, 2)
-                        final = GenerateResponse(images=images, seed=job.seed, model=self._ref(info),
-                                                 sampler=job.sampler, steps=job.steps,
-                                                 batch_size=job.num_samples, timings_ms={"total": total_ms})
-                        yield _sse("final", final.model_dump())
-            except Exception as e:  # the stream has started: report in-band
-                yield _sse("error", {"detail": f"{type(e).__name__}: {e}"})
-
-        return StreamingResponse(sse(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Seed": str(job.seed)})
+                result = ticket.future.result()
+            except EngineError as e:
+                status = 500 if type(e) is EngineError else e.status
+                rid = uuid.uuid4().hex[:12]
+                if status == 500:
+                    log.error("stream %s failed: %s", rid, e)
+                yield _sse("error", {"status": status, "request_id": rid,
+                                     "detail": "internal server error" if status == 500 else str(e)})
+                return
+            images = await asyncio.to_thread(to_png_b64, result.images)
+            total_ms = round((time.perf_counter() - received) * 1000, 2)
+            final = GenerateResponse(images=images, seed=spec.seed, model=_ref(result), sampler=spec.sampler,
+                                     steps=spec.steps, batch_size=result.batch_size,
+                                     timings_ms={"queue": round(result.queue_ms, 2),
+                                                 "sample": round(result.sample_ms, 2), "total": total_ms})
+            yield _sse("final", final.model_dump())
+        finally:  # the client closed the stream (or it ended): free the rows at the next step
+            ticket.cancel()
 
 
 # ---------------------------------------------------------------------------------------------- app building
@@ -299,7 +471,7 @@ def with_model_uri(cfg: PipelineConfig, model_uri: str | None) -> PipelineConfig
 
 
 def build_app(cfg_or_args: PipelineConfig | dict[str, Any] | None = None):
-    """The Serve application (ingress bound to the model deployment).
+    """The Serve application: ``DiffusionIngress`` replicas, each serving HTTP and running a sampling engine.
 
     Accepts a :class:`PipelineConfig`, or ``serve run``'s argument dict: ``config`` (YAML path), ``model_uri``,
     ``set`` (list or ";"-separated ``KEY=VALUE``), falling back to the ``DIFFUSION_PIPELINE_*`` environment.
@@ -314,18 +486,26 @@ def build_app(cfg_or_args: PipelineConfig | dict[str, Any] | None = None):
     scale: dict[str, Any] = (
         {"autoscaling_config": s.autoscaling_config} if s.autoscaling_config else {"num_replicas": s.num_replicas}
     )
-    model = DiffusionModel.options(
+    # Each replica answers HTTP and runs its engine: overload is refused by the engine's cost-bounded queue (503
+    # with Retry-After) while /healthz and validation keep answering; Serve's own bounds stop unbounded piling up.
+    return DiffusionIngress.options(
         max_ongoing_requests=s.max_ongoing_requests, max_queued_requests=s.max_queued_requests,
         ray_actor_options=actor, **scale,
     ).bind(resolve_model_uri(cfg), cfg.tracking_uri, s.model_dump(mode="json"))
-    replicas = int((s.autoscaling_config or {}).get("max_replicas", s.num_replicas))
-    capacity = replicas * (s.max_ongoing_requests + s.max_queued_requests)
-    # The ingress admits more than the model can hold, so overload is refused by the model's queue bound (503)
-    # while /healthz and validation keep answering; its own queue bound stops unbounded piling up at the proxy.
-    return DiffusionIngress.options(
-        max_ongoing_requests=2 * capacity + 16, max_queued_requests=capacity + 16,
-        ray_actor_options={"num_cpus": 0},
-    ).bind(model, s.model_dump(mode="json"), cfg.tracking_uri)
+
+
+def trigger_reload() -> list[str | None]:
+    """Ask the running app's replicas to check their alias now (the promote stage's immediate reload); returns the
+    versions they answered with, [] when no app runs here. Replicas not reached catch up at their next poll."""
+    if not app_running():
+        return []
+    handle = serve.get_app_handle(APP_NAME)
+    try:
+        replicas = int(serve.status().applications[APP_NAME].deployments["DiffusionIngress"].replica_states
+                       .get("RUNNING", 1))
+    except Exception:
+        replicas = 1
+    return [handle.reload.remote().result(timeout_s=600) for _ in range(max(1, replicas))]
 
 
 def __getattr__(name: str):

@@ -1,8 +1,10 @@
 """Request and response models of the sampling endpoint (they also make its OpenAPI schema at ``/docs``).
 
-Static bounds live in the models (FastAPI answers 422 naming the field); bounds that depend on the served model
-or the configuration (``num_samples`` <= ``serve.max_samples_per_request``, ``steps`` <= T, labels < classes)
-are checked per request by :func:`check_request`, which returns errors in FastAPI's 422 format.
+Request models are strict (pydantic strict mode, no JSON coercion): a bool is not an int, ``"2"`` is not 2 and
+``2.0`` is not an integer step count; each gets 422 naming the field. Static bounds live in the models; bounds
+that depend on the served model or the configuration (``num_samples`` <= ``serve.max_samples_per_request``,
+``steps`` <= T, labels < classes, the request's cost <= ``serve.max_request_cost``) are checked per request by
+:func:`check_request`, which returns errors in FastAPI's 422 format.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ MAX_SEED = 2**63 - 1
 class GenerateRequest(BaseModel):
     """``POST /v1/generate``: what to sample."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
     num_samples: int = Field(16, ge=1, le=HARD_MAX_SAMPLES,
                              description="Images to generate, 1..serve.max_samples_per_request.")
@@ -60,7 +62,7 @@ class GenerateResponse(BaseModel):
     model: ModelRef
     sampler: SamplerName
     steps: int
-    batch_size: int = Field(description="Images produced by the batched sampling run that served this request.")
+    batch_size: int = Field(description="The most rows in one UNet forward that included this request.")
     timings_ms: dict[str, float] = Field(description="queue, sample, encode and total milliseconds.")
 
 
@@ -88,6 +90,8 @@ class ModelInfo(BaseModel):
     samplers: list[str]
     max_samples_per_request: int
     max_batch_size: int
+    max_request_cost: int
+    reload_interval_s: float
     device: str
 
 
@@ -95,10 +99,19 @@ def _err(field: str, msg: str, value: Any) -> dict[str, Any]:
     return {"loc": ["body", field], "msg": msg, "type": "value_error", "input": value}
 
 
-def check_request(req: GenerateRequest, *, max_samples: int, num_timesteps: int,
-                  num_classes: int) -> list[dict[str, Any]]:
+def request_cost(req: GenerateRequest) -> int:
+    """Rows x steps, x2 with classifier-free guidance (the engine's unit of work)."""
+    return req.num_samples * req.steps * (2 if req.guidance_scale != 1.0 else 1)
+
+
+def check_request(req: GenerateRequest, *, max_samples: int, num_timesteps: int, num_classes: int,
+                  max_cost: int | None = None) -> list[dict[str, Any]]:
     """Problems of ``req`` against the configuration and the served model (empty list: valid)."""
     errors = []
+    if max_cost is not None and request_cost(req) > max_cost:
+        msg = (f"num_samples x steps{' x 2 (guidance_scale != 1)' if req.guidance_scale != 1.0 else ''} = "
+               f"{request_cost(req)} exceeds serve.max_request_cost={max_cost}")
+        errors += [_err("num_samples", msg, req.num_samples), _err("steps", msg, req.steps)]
     if req.num_samples > max_samples:
         errors.append(_err("num_samples", f"num_samples must be at most serve.max_samples_per_request="
                                           f"{max_samples}", req.num_samples))

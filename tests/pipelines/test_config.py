@@ -44,7 +44,7 @@ def test_overrides_are_yaml_typed():
         (["train.bogus=1"], "train.bogus: unknown key"),
         (["train.ema_decays=[1.5]"], "train.ema_decays"),
         (["data.source=cifar10"], "data.path is required"),
-        (["serve.max_samples_per_request=32"], "serve.max_samples_per_request (32) must be <= serve.max_batch_size"),
+        (["serve.reload_interval_s=-1"], "serve.reload_interval_s"),
     ],
 )
 def test_errors_name_the_field(override, needle):

@@ -1,0 +1,603 @@
+"""Step-level continuous-batching sampling engine. Imports torch and ``diffusion_core`` only (no Ray, no HTTP).
+
+One loop thread owns the model(s). Every admitted request is a set of rows with its own state (sampler, respaced
+timesteps, position, eta, guidance scale, labels, generator, DPM-Solver++ history). Each iteration of the loop
+is one step boundary:
+
+1. apply a pending model swap (new requests bind to the new version; requests in flight keep theirs),
+2. admit everything submitted since the last boundary (nothing waits for a batch to fill),
+3. drop cancelled and timed-out requests (their rows are freed at once),
+4. pack rows of the active requests, in fairness order, into ONE UNet forward of at most ``max_batch_size`` rows
+   with per-row ``t`` (a guided row contributes a conditional and an unconditional row; a request with more rows
+   than the bound is spread over several forwards),
+5. every request whose rows all have their model output for the current step gets its own update
+   (``diffusion_core.steps``), previews, and leaves when it is done.
+
+A request's images depend only on its own seed and parameters: its noise comes from its own generator in the
+same order as ``diffusion_core.samplers.sample`` with ``generator=[g] * n`` (so the engine reproduces
+``DiffusionSampler.sample(seed=...)``), and its update never reads another request's rows.
+
+Fairness: least remaining work first (remaining rows x steps, x2 when guided), with aging. Serving the request
+that will finish soonest minimises mean latency (shortest-remaining-processing-time) and keeps a 2-step request
+from waiting behind a thousand-step one; a request left out of ``starve_after`` consecutive forwards goes first, so
+long requests are never starved by a stream of short ones. By default packing is work-conserving: the forward
+is filled up to the bound in that order, so when the active rows fit every request advances at every forward
+(right for a GPU, where a forward of 16 rows costs about one of 1). On a CPU a forward's time grows with its
+rows, so ``pack_ratio`` can restrict a forward to requests whose remaining work is at most ``pack_ratio`` times
+the first one's (starved requests always join): short requests then run in small, fast forwards.
+
+Cost: rows x steps (x2 with guidance). A request over ``max_request_cost`` is refused (:class:`TooCostly`);
+the outstanding cost of all admitted requests is bounded by ``max_queue_cost`` (:class:`Overloaded`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from diffusion_core.rng import randn
+from diffusion_core.steps import ddim_step, ddpm_step, dpm_solver_step, guided_output, sampler_timesteps
+
+log = logging.getLogger(__name__)
+
+__all__ = ["SampleSpec", "SampleResult", "Ticket", "Engine", "EngineError", "TooCostly", "Overloaded",
+           "NotReady", "Cancelled", "TimedOut", "request_cost", "batch_buckets"]
+
+
+# ---------------------------------------------------------------------------------------------- errors
+class EngineError(RuntimeError):
+    """Base of the engine's refusals; ``status`` is the HTTP code a server should answer."""
+
+    status = 500
+
+
+class TooCostly(EngineError):
+    """The request alone costs more than ``max_request_cost``."""
+
+    status = 422
+
+
+class Overloaded(EngineError):
+    """The queue is full (in cost); retry later."""
+
+    status = 503
+
+
+class NotReady(EngineError):
+    """No model is loaded yet, or the loop is not running."""
+
+    status = 503
+
+
+class Cancelled(EngineError):
+    """The request was cancelled (its client went away)."""
+
+    status = 499
+
+
+class TimedOut(EngineError):
+    """The request passed its deadline (``request_timeout_s``)."""
+
+    status = 504
+
+
+# ---------------------------------------------------------------------------------------------- public types
+class ServedModel(Protocol):
+    """What the engine needs of a loaded model (``pipelines.model_io.DiffusionSampler`` is one)."""
+
+    unet: torch.nn.Module
+    diffusion: Any
+    device: torch.device
+    info: dict[str, Any]
+
+    @property
+    def channels(self) -> int: ...
+
+    @property
+    def image_size(self) -> int: ...
+
+    @property
+    def num_classes(self) -> int: ...
+
+    def labels_for(self, num_samples: int, class_labels: list[int] | None) -> torch.Tensor | None: ...
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    """One request's sampling work (validated by the caller against the model)."""
+
+    num_samples: int
+    seed: int
+    sampler: str = "ddim"
+    steps: int = 50
+    eta: float = 0.0
+    guidance_scale: float = 1.0
+    class_labels: list[int] | None = None
+    preview_every: int | None = None  # emit a preview every k steps (None: none)
+
+    @property
+    def guided(self) -> bool:
+        return float(self.guidance_scale) != 1.0
+
+    @property
+    def cost(self) -> int:
+        return request_cost(self.num_samples, self.steps, self.guided)
+
+
+def request_cost(rows: int, steps: int, guided: bool) -> int:
+    """Model-row evaluations of a request: rows x steps, x2 with classifier-free guidance."""
+    return int(rows) * int(steps) * (2 if guided else 1)
+
+
+@dataclass
+class SampleResult:
+    """A finished request: images [n, C, H, W] in [-1, 1] on the CPU and how they were made."""
+
+    images: torch.Tensor
+    version: str | None  # model version that produced them
+    model_info: dict[str, Any]
+    batch_size: int  # the most rows in one UNet forward that included this request
+    queue_ms: float  # submit -> first forward
+    sample_ms: float  # first forward -> done
+
+
+EventFn = Callable[[dict[str, Any]], None]
+
+
+class Ticket:
+    """Handle of a submitted request: ``future`` resolves to a :class:`SampleResult` (or an EngineError);
+    :meth:`cancel` drops it at the next step boundary."""
+
+    def __init__(self, spec: SampleSpec, on_event: EventFn | None, deadline: float | None) -> None:
+        self.spec, self.on_event, self.deadline = spec, on_event, deadline
+        self.future: Future = Future()
+        self.cancelled = threading.Event()
+        self.submitted = time.perf_counter()
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    def result(self, timeout: float | None = None) -> SampleResult:
+        return self.future.result(timeout)
+
+
+def batch_buckets(max_batch_size: int) -> list[int]:
+    """Fixed forward sizes for a compiled model: powers of two below the bound, and the bound."""
+    b = int(max_batch_size)
+    return sorted({1 << k for k in range(max(1, b).bit_length()) if (1 << k) < b} | {b})
+
+
+# ---------------------------------------------------------------------------------------------- internals
+@dataclass
+class _Slot:
+    """A loaded model version and its forward function (compiled or not)."""
+
+    model: ServedModel
+    version: str | None
+    forward: Callable[..., torch.Tensor]
+    buckets: list[int] | None  # pad forwards to these sizes (compiled models), else None
+
+    @property
+    def conditional(self) -> bool:
+        return int(self.model.num_classes) > 0
+
+
+_seq = itertools.count()
+
+
+@dataclass
+class _Request:
+    """An admitted request's rows and their state."""
+
+    ticket: Ticket
+    slot: _Slot
+    ts: list[int]  # original step indices, strictly decreasing
+    x: torch.Tensor  # [n, C, H, W] on the model's device
+    g: torch.Generator
+    labels: torch.Tensor | None  # [n] on the device, None for an unconditional model
+    seq: int = field(default_factory=lambda: next(_seq))
+    pos: int = 0
+    filled: int = 0  # forward rows with a model output for the current step
+    out: torch.Tensor | None = None  # [fw_rows, C_out, H, W] model outputs of the current step
+    prev_x0: torch.Tensor | None = None  # DPM-Solver++ history
+    h_prev: torch.Tensor | None = None
+    skipped: int = 0  # consecutive forwards this request was left out of
+    batch_size: int = 0
+    first_forward: float | None = None
+
+    @property
+    def spec(self) -> SampleSpec:
+        return self.ticket.spec
+
+    @property
+    def n(self) -> int:
+        return self.x.shape[0]
+
+    @property
+    def mult(self) -> int:
+        return 2 if self.spec.guided else 1
+
+    @property
+    def fw_rows(self) -> int:
+        return self.n * self.mult
+
+    @property
+    def remaining(self) -> int:
+        return self.owed - self.filled
+
+    @property
+    def owed(self) -> int:  # cost still counted in the queue bound (released a step at a time)
+        return self.fw_rows * (len(self.ts) - self.pos)
+
+
+# ---------------------------------------------------------------------------------------------- the engine
+class Engine:
+    """The sampling loop. Thread-safe :meth:`submit` / :meth:`swap`; :meth:`start` runs the loop in a thread.
+
+    :param max_batch_size: most rows in one UNet forward (1 = unbatched).
+    :param max_request_cost: most rows x steps (x2 guided) one request may cost.
+    :param max_queue_cost: most outstanding cost of all admitted requests (default 8 x max_request_cost).
+    :param request_timeout_s: default deadline of a request (None: none).
+    :param compile: torch.compile each model and pad forwards to :func:`batch_buckets` (no recompiles).
+    :param starve_after: forwards a request may be left out of before it goes first.
+    :param pack_ratio: None (fill every forward) or the most remaining work, relative to the first request's, of
+        requests packed with it.
+    """
+
+    def __init__(self, *, max_batch_size: int = 16, max_request_cost: int = 16 * 1000 * 2,
+                 max_queue_cost: int | None = None, request_timeout_s: float | None = None,
+                 compile: bool = False, starve_after: int = 8, pack_ratio: float | None = None) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        self.max_batch_size = int(max_batch_size)
+        self.max_request_cost = int(max_request_cost)
+        self.max_queue_cost = int(max_queue_cost if max_queue_cost is not None else 8 * self.max_request_cost)
+        self.request_timeout_s = request_timeout_s
+        self.compile = bool(compile)
+        self.starve_after = int(starve_after)
+        self.pack_ratio = pack_ratio
+        self._lock = threading.Condition()
+        self._inbox: list[Ticket] = []
+        self._active: list[_Request] = []
+        self._outstanding = 0  # cost of inbox + active, updated under the lock
+        self._current: _Slot | None = None
+        self._pending: _Slot | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self.forwards = 0  # UNet forwards run (for benchmarks and tests)
+        self.rows = 0  # real rows in them
+        self.last_error: str | None = None
+        self.counts = {"completed": 0, "cancelled": 0, "timed_out": 0, "failed": 0}  # requests, by outcome
+
+    # ------------------------------------------------------------------ models
+    def prepare(self, model: ServedModel, version: str | None = None) -> _Slot:
+        """Wrap ``model`` for the loop; with ``compile``, compile and warm up every bucket size (call it off the
+        loop thread: the swap itself is then instant)."""
+        unet = model.unet.eval()
+        if not self.compile:
+            return _Slot(model, version, unet, None)
+        forward = torch.compile(unet, dynamic=False)
+        buckets = batch_buckets(self.max_batch_size)
+        c, s = int(model.channels), int(model.image_size)
+        with torch.no_grad():
+            for b in buckets:  # warm-up: one compile per fixed size, none later
+                x = torch.zeros(b, c, s, s, device=model.device)
+                t = torch.zeros(b, dtype=torch.long, device=model.device)
+                kw = {"y": torch.zeros(b, dtype=torch.long, device=model.device)} if model.num_classes else {}
+                forward(x, t, **kw)
+        return _Slot(model, version, forward, buckets)
+
+    def swap(self, model: ServedModel | _Slot, version: str | None = None) -> None:
+        """Serve ``model`` for requests admitted from the next step boundary on (in-flight ones keep theirs)."""
+        slot = model if isinstance(model, _Slot) else self.prepare(model, version)
+        with self._lock:
+            self._pending = slot
+            self._lock.notify_all()
+
+    @property
+    def model(self) -> ServedModel | None:
+        """The model new requests get (the pending one once swapped in)."""
+        slot = self._pending or self._current
+        return slot.model if slot else None
+
+    @property
+    def version(self) -> str | None:
+        slot = self._pending or self._current
+        return slot.version if slot else None
+
+    # ------------------------------------------------------------------ submission
+    def submit(self, spec: SampleSpec, on_event: EventFn | None = None,
+               timeout_s: float | None = None) -> Ticket:
+        """Queue ``spec``; raises TooCostly (over max_request_cost), Overloaded (queue full in cost) or
+        NotReady (no model / loop not running). ``on_event`` gets preview dicts from the loop thread."""
+        cost = spec.cost
+        if cost > self.max_request_cost:
+            raise TooCostly(f"request cost num_samples x steps{' x 2 (guidance)' if spec.guided else ''} = "
+                            f"{cost} exceeds serve.max_request_cost={self.max_request_cost}")
+        timeout_s = self.request_timeout_s if timeout_s is None else timeout_s
+        deadline = time.perf_counter() + timeout_s if timeout_s else None
+        ticket = Ticket(spec, on_event, deadline)
+        with self._lock:
+            if self.model is None or self._dead:
+                raise NotReady("no model loaded yet" if self.model is None else "the sampling loop is not running")
+            if self._outstanding + cost > self.max_queue_cost:
+                raise Overloaded(f"queue full: {self._outstanding} of {self.max_queue_cost} cost units in flight")
+            self._outstanding += cost
+            self._inbox.append(ticket)
+            self._lock.notify_all()
+        return ticket
+
+    def health(self) -> dict[str, Any]:
+        """Live state: loop alive, model loaded (and version), active requests, queued cost."""
+        with self._lock:
+            return {"loop_alive": self.alive, "model_loaded": self.model is not None, "version": self.version,
+                    "active_requests": len(self._active) + len(self._inbox), "queued_cost": self._outstanding,
+                    "max_queue_cost": self.max_queue_cost, "last_error": self.last_error, **self.counts}
+
+    # ------------------------------------------------------------------ loop control
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def _dead(self) -> bool:  # started and gone (a loop never started is driven by hand with step())
+        return self._stop or (self._thread is not None and not self._thread.is_alive())
+
+    def start(self) -> Engine:
+        """Run the loop in a daemon thread."""
+        if not self.alive:
+            self._stop = False
+            self._thread = threading.Thread(target=self.run, name="sampling-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the loop; requests still queued fail with NotReady."""
+        with self._lock:
+            self._stop = True
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def run(self) -> None:
+        """The loop: boundary, forward, updates; sleeps while there is nothing to do."""
+        try:
+            while True:
+                with self._lock:
+                    while not self._stop and not self._inbox and not self._active and self._pending is None:
+                        self._lock.wait(timeout=1.0)
+                    if self._stop:
+                        break
+                self.step()
+        finally:
+            self._fail_all(NotReady("the sampling loop stopped"))
+
+    def step(self) -> None:
+        """One step boundary and one forward (public so tests can drive the loop by hand)."""
+        self._boundary()
+        if self._active:
+            self._forward_and_update()
+
+    # ------------------------------------------------------------------ step boundary
+    def _boundary(self) -> None:
+        with self._lock:
+            if self._pending is not None:
+                self._current, self._pending = self._pending, None
+                log.info("engine: now serving model version %s", self._current.version)
+            inbox, self._inbox = self._inbox, []
+        for ticket in inbox:
+            self._admit(ticket)
+        now = time.perf_counter()
+        for req in list(self._active):
+            t = req.ticket
+            if t.cancelled.is_set():
+                self._finish(req, error=Cancelled("cancelled"))
+            elif t.deadline is not None and now > t.deadline:
+                self._finish(req, error=TimedOut(f"not done within request_timeout_s "
+                                                 f"({t.deadline - t.submitted:.1f} s)"))
+
+    def _admit(self, ticket: Ticket) -> None:
+        spec, slot = ticket.spec, self._current
+        if ticket.cancelled.is_set():
+            return self._release(ticket, spec.cost, Cancelled("cancelled"))
+        try:
+            m = slot.model
+            ts = sampler_timesteps(m.diffusion, spec.sampler, spec.steps)
+            labels = m.labels_for(spec.num_samples, spec.class_labels)
+            if spec.guided and labels is None:
+                raise ValueError("classifier-free guidance needs a class-conditional model (guidance_scale=1)")
+            g = torch.Generator().manual_seed(int(spec.seed))
+            shape = (spec.num_samples, int(m.channels), int(m.image_size), int(m.image_size))
+            # x_T first, drawn as diffusion_core's loops do (GaussianDiffusion._initial)
+            x = randn(shape, generator=[g] * spec.num_samples, device=m.device, dtype=torch.float32)
+        except Exception as e:  # a bound the caller's validation missed: fail this request only
+            return self._release(ticket, spec.cost, EngineError(f"{type(e).__name__}: {e}"))
+        self._active.append(_Request(ticket=ticket, slot=slot, ts=ts, x=x, g=g,
+                                     labels=None if labels is None else labels.to(m.device)))
+
+    # ------------------------------------------------------------------ packing
+    def _order(self) -> list[_Request]:
+        """Fairness: starved requests first, then least remaining work, then arrival."""
+        return sorted(self._active, key=lambda r: (r.skipped < self.starve_after, r.remaining, r.seq))
+
+    def _pack(self) -> tuple[_Slot, list[tuple[_Request, int, int]]]:
+        """Choose (request, first forward row, rows) chunks for one forward of one model version."""
+        order = self._order()
+        slot, room, chunks = order[0].slot, self.max_batch_size, []
+        limit = None if self.pack_ratio is None else self.pack_ratio * order[0].remaining
+        for req in order:
+            if room == 0:
+                break
+            if req.slot is not slot:
+                continue
+            if limit is not None and req.remaining > limit and req.skipped < self.starve_after:
+                continue
+            k = min(room, req.fw_rows - req.filled)
+            chunks.append((req, req.filled, k))
+            room -= k
+        return slot, chunks
+
+    def _inputs(self, slot: _Slot, chunks) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Stack the chunks' x, per-row t and labels (guided requests: cond rows, then null-label rows)."""
+        xs, ts, ys = [], [], []
+        null = int(slot.model.num_classes)
+        for req, start, k in chunks:
+            rows = torch.arange(start, start + k) % req.n
+            xs.append(req.x[rows.to(req.x.device)])
+            ts.append(torch.full((k,), req.ts[req.pos], dtype=torch.long))
+            if slot.conditional:
+                y = req.labels[rows.to(req.labels.device)].clone()
+                y[torch.arange(start, start + k, device=y.device) >= req.n] = null  # unconditional half
+                ys.append(y)
+        device = slot.model.device
+        x, t = torch.cat(xs), torch.cat(ts).to(device)
+        y = torch.cat(ys) if ys else None
+        if slot.buckets is not None:  # pad to a fixed size: a compiled model never sees a new shape
+            size = next(b for b in slot.buckets if b >= x.shape[0])
+            pad = size - x.shape[0]
+            if pad:
+                x = torch.cat([x, x.new_zeros(pad, *x.shape[1:])])
+                t = torch.cat([t, t.new_zeros(pad)])
+                y = None if y is None else torch.cat([y, y.new_full((pad,), null)])
+        return x, t, y
+
+    def _forward_and_update(self) -> None:
+        slot, chunks = self._pack()
+        real = sum(k for _, _, k in chunks)
+        try:
+            x, t, y = self._inputs(slot, chunks)
+            with torch.no_grad():
+                out = slot.forward(x, t, y=y) if y is not None else slot.forward(x, t)
+        except Exception as e:  # a model fault fails the requests of this forward only
+            self.last_error = f"{type(e).__name__}: {e}"
+            log.exception("engine: forward failed")
+            for req, _, _ in chunks:
+                self._finish(req, error=EngineError(self.last_error))
+            return
+        self.forwards += 1
+        self.rows += real
+        now = time.perf_counter()
+        included = {id(r) for r, _, _ in chunks}
+        for req in self._active:
+            req.skipped = 0 if id(req) in included else req.skipped + 1
+        i = 0
+        for req, start, k in chunks:
+            if req.out is None:
+                req.out = out.new_empty(req.fw_rows, *out.shape[1:])
+            req.out[start:start + k] = out[i:i + k]
+            i += k
+            req.filled += k
+            req.batch_size = max(req.batch_size, real)
+            req.first_forward = req.first_forward or now
+        ready = [req for req, _, _ in chunks if req.filled == req.fw_rows]
+        groups: dict[tuple[int, str], list[_Request]] = {}
+        for req in ready:  # one vectorised update per (model, sampler): rows keep their own t, eta, history
+            groups.setdefault((id(req.slot), req.spec.sampler), []).append(req)
+        for group in groups.values():
+            try:
+                x0s = self._update(group)
+            except Exception as e:  # fails this group's requests only
+                log.exception("engine: update failed")
+                for req in group:
+                    self._finish(req, error=EngineError(f"{type(e).__name__}: {e}"))
+                continue
+            for req, x0 in zip(group, x0s, strict=True):
+                self._advanced(req, x0)
+
+    # ------------------------------------------------------------------ per-request update
+    def _update(self, group: list[_Request]) -> list[torch.Tensor]:
+        """Each request's own step t -> t_prev from its model outputs (diffusion_core.steps), for requests of one
+        model and sampler stacked row-wise; returns each request's x0 prediction."""
+        m, sampler = group[0].slot.model, group[0].spec.sampler
+        outs, t, t_prev, noise, eta, second, prev, h_prev = [], [], [], [], [], [], [], []
+        for req in group:
+            n, out = req.n, req.out
+            if req.mult == 2:  # classifier-free guidance on the eps channels
+                out = guided_output(out[:n], out[n:], float(req.spec.guidance_scale), int(m.channels))
+            outs.append(out)
+            last = req.pos == len(req.ts) - 1
+            t.append(torch.full((n,), req.ts[req.pos], dtype=torch.long))
+            t_prev.append(torch.full((n,), -1 if last else req.ts[req.pos + 1], dtype=torch.long))
+            # noise drawn per row from the request's own generator, rows in order, exactly when the core loops
+            # draw it (every ddpm step but the last, every ddim step with eta > 0); zeros where it is unused
+            draws = (sampler == "ddpm" and not last) or (sampler == "ddim" and req.spec.eta != 0)
+            noise.append(randn(req.x.shape, generator=[req.g] * n, device=req.x.device, dtype=req.x.dtype)
+                         if draws else torch.zeros_like(req.x))
+            eta.append(torch.full((n,), float(req.spec.eta), dtype=torch.float64))
+            # DPM-Solver++(2M) with lower_order_final, as samplers.dpm_solver_sample_progressive
+            second.append(torch.full((n,), req.prev_x0 is not None and req.pos != len(req.ts) - 2))
+            prev.append(req.prev_x0 if req.prev_x0 is not None else torch.zeros_like(req.x))
+            h_prev.append(req.h_prev if req.h_prev is not None else torch.full((n,), math.nan, dtype=torch.float64))
+        x, out, t, t_prev = torch.cat([r.x for r in group]), torch.cat(outs), torch.cat(t), torch.cat(t_prev)
+        d, sizes = m.diffusion, [r.n for r in group]
+        if sampler == "ddpm":
+            x, x0 = ddpm_step(d, x, t, t_prev, out, torch.cat(noise))
+        elif sampler == "ddim":
+            eta = torch.cat(eta)
+            x, x0 = ddim_step(d, x, t, t_prev, out, eta, torch.cat(noise) if bool((eta != 0).any()) else None)
+        else:
+            x, x0, h = dpm_solver_step(d, x, t, t_prev, out, torch.cat(prev), torch.cat(h_prev), torch.cat(second))
+            for req, x0_r, h_r in zip(group, x0.split(sizes), h.split(sizes), strict=True):
+                req.prev_x0, req.h_prev = x0_r, h_r
+        for req, x_r in zip(group, x.split(sizes), strict=True):
+            req.x = x_r
+        return list(x0.split(sizes))
+
+    def _advanced(self, req: _Request, x0: torch.Tensor) -> None:
+        """Bookkeeping after a request's step: position, queue cost, previews, done."""
+        req.pos += 1
+        req.filled = 0
+        with self._lock:
+            self._outstanding -= req.fw_rows
+        k = req.spec.preview_every
+        if k and req.pos % k == 0 and req.pos < len(req.ts) and req.ticket.on_event is not None:
+            self._emit(req, {"event": "preview", "step": req.pos, "total": len(req.ts),
+                             "images": x0.detach().to("cpu")})
+        if req.pos == len(req.ts):
+            self._finish(req)
+
+    def _emit(self, req: _Request, event: dict[str, Any]) -> None:
+        try:
+            req.ticket.on_event(event)
+        except Exception:  # a consumer's fault never stops the loop
+            log.exception("engine: event callback failed")
+
+    # ------------------------------------------------------------------ leaving
+    def _finish(self, req: _Request, error: Exception | None = None) -> None:
+        if req in self._active:
+            self._active.remove(req)
+        if error is not None:
+            return self._release(req.ticket, req.owed, error)
+        end = time.perf_counter()
+        start = req.first_forward or end
+        result = SampleResult(images=req.x.detach().to("cpu"), version=req.slot.version,
+                              model_info=dict(req.slot.model.info or {}), batch_size=req.batch_size,
+                              queue_ms=(start - req.ticket.submitted) * 1000, sample_ms=(end - start) * 1000)
+        self.counts["completed"] += 1
+        if not req.ticket.future.done():
+            req.ticket.future.set_result(result)
+
+    def _release(self, ticket: Ticket, cost: int, error: Exception) -> None:
+        kind = {Cancelled: "cancelled", TimedOut: "timed_out"}.get(type(error), "failed")
+        with self._lock:
+            self._outstanding -= cost
+            self.counts[kind] += 1
+        if not ticket.future.done():
+            ticket.future.set_exception(error)
+
+    def _fail_all(self, error: Exception) -> None:
+        for req in list(self._active):
+            self._finish(req, error=error)
+        with self._lock:
+            inbox, self._inbox = self._inbox, []
+        for ticket in inbox:
+            self._release(ticket, ticket.spec.cost, error)
