@@ -51,7 +51,9 @@ def test_ema_sample_grids_are_one_image_series_over_steps(train_run, tiny_cfg):
     grids = [p for p in files if p.startswith("images/ema_samples+step+") and p.endswith(".png")]
     steps = sorted(int(p.split("+")[2]) for p in grids)
     tc = tiny_cfg.train
-    assert steps == sorted({*range(tc.sample_every, tc.max_steps + 1, tc.sample_every), tc.max_steps})
+    expected = {*range(tc.sample_every, tc.max_steps + 1, tc.sample_every), tc.max_steps}  # 20, 40
+    # (a test that resumes the shared run for more steps may add later ones)
+    assert len(steps) == len(set(steps)) and expected <= set(steps), steps
     # readable: 4 x 4 tiles of 8 px upscaled (nearest neighbour) to at least 256 px wide
     local = mlflow.artifacts.download_artifacts(run_id=train_run.info.run_id, artifact_path=grids[0])
     with Image.open(local) as im:
