@@ -21,6 +21,7 @@ from pydantic import BaseModel
 from safetensors.torch import load_file
 
 from diffusion_core import LossSecondMomentResampler, UniformSampler, create_diffusion
+from diffusion_core.models import compile_unet, fast_defaults, optimizer_kwargs  # perf
 from pipelines.config import ConfigError, PipelineConfig, dump_yaml
 from pipelines.data import DataResult, check_shard_count, make_loader, split_shards
 from pipelines.model_io import build_unet, diffusion_kwargs, log_and_register, save_weights, write_model_dir
@@ -99,7 +100,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     diffusion = create_diffusion(**diffusion_kwargs(cfg.diffusion))
     unet.to(device)
     emas = [AveragedModel(unet, multi_avg_fn=get_ema_multi_avg_fn(d), use_buffers=True) for d in tc.ema_decays]
-    opt = torch.optim.AdamW(unet.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    opt = torch.optim.AdamW(unet.parameters(), lr=tc.lr, weight_decay=tc.weight_decay,
+                            **optimizer_kwargs(device))  # perf: fused AdamW where torch has it
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(tc.warmup_steps))
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp and tc.mixed_precision == "fp16")
     if cfg.diffusion.timestep_sampler == "uniform":
@@ -129,7 +131,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     else:
         torch.manual_seed(tc.seed * 1000 + rank)
     if compiled := tc.compile:
-        unet = torch.compile(unet)
+        unet = compile_unet(unet)  # perf: inductor, dynamic batch dim, original state_dict keys
     model = ray.train.torch.prepare_model(unet, parallel_strategy_kwargs={"find_unused_parameters": False})
     raw = model.module if hasattr(model, "module") else model
 
@@ -150,6 +152,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         mlflow.set_tracking_uri(config["tracking_uri"])
         client = mlflow.MlflowClient()
         client.log_param(config["mlflow_run_id"], f"threads_per_worker_rank0_attempt{resumed_from or 0}", threads)
+        for k, v in fast_defaults(device).items():  # perf: the per-device speed choices
+            client.log_param(config["mlflow_run_id"], f"fast.{k}", v)
         print(f"[train] world_size={world} device={device} threads/worker={threads} amp={use_amp} "
               f"compile={compiled} start_step={step}/{tc.max_steps}", flush=True)
 
