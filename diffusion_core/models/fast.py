@@ -13,7 +13,12 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["fast_defaults", "optimizer_kwargs", "compile_unet", "CompiledUNet", "is_compiled"]
+__all__ = ["fast_defaults", "optimizer_kwargs", "compile_unet", "CompiledUNet", "is_compiled",
+           "CPU_WARMUP_BATCH_SIZES"]
+
+# One sample per graph a CPU run can need (see CompiledUNet): dynamo's size-1 specialisation, and both sides
+# of oneDNN's batch-16 convolution heuristic.
+CPU_WARMUP_BATCH_SIZES: tuple[int, ...] = (1, 2, 16)
 
 
 def _fused_adam_supported(device: torch.device) -> bool:
@@ -56,9 +61,13 @@ def optimizer_kwargs(device: torch.device | str | None = None) -> dict[str, bool
 class CompiledUNet(nn.Module):
     """A ``torch.compile``'d UNet that behaves like the original for everything but speed.
 
-    The batch dimension of ``x`` / ``t`` / ``y`` is marked dynamic before each call, so one graph serves every
-    batch size >= 2 (size 1 is specialised by dynamo: a second graph at most). Parameters are the original
-    module's; ``state_dict`` / ``load_state_dict`` use the original's keys (no ``_orig_mod.`` prefix), and other
+    The batch dimension of ``x`` / ``t`` / ``y`` is marked dynamic before each call, so one graph serves a whole
+    range of batch sizes: dynamo specialises size 1, and on CPU the convolution backend changes at batch 16
+    (oneDNN's heuristic), so ``CPU_WARMUP_BATCH_SIZES`` = (1, 2, 16) builds every graph a CPU run needs. Under
+    ``torch.inference_mode`` the inputs are made inference tensors (a cheap copy when they are not), because
+    dynamo guards on the dispatch keys that tell the two kinds apart and the samplers mix them (the noise
+    x_T is a normal tensor, later x_t are inference tensors). Parameters are the original module's;
+    ``state_dict`` / ``load_state_dict`` use the original's keys (no ``_orig_mod.`` prefix), and other
     attributes (``config``, ``num_classes``, ...) are read from the original.
     """
 
@@ -69,10 +78,15 @@ class CompiledUNet(nn.Module):
         object.__setattr__(self, "_compiled", torch.compile(unet, **compile_kwargs))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        for tensor in (x, t, y):
-            if torch.is_tensor(tensor) and tensor.ndim > 0 and tensor.shape[0] > 1:
-                torch._dynamo.maybe_mark_dynamic(tensor, 0)
-        return self._compiled(x, t) if y is None else self._compiled(x, t, y)
+        if not torch.is_tensor(t):
+            t = torch.tensor([t], device=x.device).expand(x.shape[0])
+        args = [a for a in (x, t, y) if a is not None]
+        if torch.is_inference_mode_enabled():
+            args = [a if a.is_inference() else a.clone() for a in args]
+        for a in args:
+            if a.ndim > 0 and a.shape[0] > 1:
+                torch._dynamo.maybe_mark_dynamic(a, 0)
+        return self._compiled(*args)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -97,8 +111,9 @@ def compile_unet(
 ) -> CompiledUNet:
     """``torch.compile`` (inductor on CPU and CUDA) with a dynamic batch dimension; see :class:`CompiledUNet`.
 
-    ``warmup_batch_sizes``: run one inference-mode forward per size now (eval mode, restored afterwards), so compilation
-    is not counted in the first real call; pass e.g. ``(1, 2)`` to build both graphs up front.
+    ``warmup_batch_sizes``: run one inference-mode forward per size now (eval mode, restored afterwards), so
+    compilation is not counted in the first real call; ``CPU_WARMUP_BATCH_SIZES`` builds every graph that
+    sampling at any batch size needs on CPU.
     """
     compiled = CompiledUNet(unet, backend="inductor", mode=mode, fullgraph=fullgraph)
     sizes = list(warmup_batch_sizes)
