@@ -74,17 +74,20 @@ def _median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
+CLOCK: Callable[[], float] = time.perf_counter  # --clock cpu: time.process_time (all threads' CPU seconds)
+
+
 def interleaved(fns: dict[str, Callable[[], Any]], rounds: int, warmup: int = 1) -> dict[str, list[float]]:
-    """Wall seconds of each fn per round, the fns taking turns within every round (warm-up rounds untimed)."""
+    """Seconds (CLOCK) of each fn per round, the fns taking turns within every round (warm-up rounds untimed)."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     out: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(rounds):
         for k, fn in fns.items():
-            t0 = time.perf_counter()
+            t0 = CLOCK()
             fn()
-            out[k].append(time.perf_counter() - t0)
+            out[k].append(CLOCK() - t0)
     return out
 
 
@@ -354,9 +357,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds of the training rows")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     p.add_argument("--sections", default="train,sample,overhead", help="subset of train,sample,overhead")
+    p.add_argument("--train-batches", default=None, help="comma-separated training batch sizes (default 8,16)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="cpu: process CPU time, steadier than wall time on an oversubscribed machine (use --threads 1)")
     p.add_argument("--out", type=Path, default=RESULTS / "perf_suite_cpu.json")
     args = p.parse_args(argv)
-    args.train_batches = [2] if args.quick else [8, 16]
+    args.train_batches = [int(b) for b in args.train_batches.split(",")] if args.train_batches \
+        else ([2] if args.quick else [8, 16])
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     args.rounds = args.rounds or (2 if args.quick else 5)
     args.sample_rounds = 2 if args.quick else 5
     args.ddpm_steps = 10 if args.quick else 100
@@ -388,7 +397,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report = {
         "benchmark": "perf_suite (issue 14)",
         "command": " ".join(["perf_suite.py", *(argv if argv is not None else sys.argv[1:])]),
-        "quick": args.quick, "compile": args.compile, "rounds": args.rounds,
+        "quick": args.quick, "compile": args.compile, "rounds": args.rounds, "clock": args.clock,
         "torch": torch.__version__, "diffusers": diffusers_version, "python": platform.python_version(),
         "platform": platform.platform(), "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
         "fast_defaults": fast_defaults("cpu"), "cpu_warmup_batch_sizes": list(CPU_WARMUP_BATCH_SIZES),
