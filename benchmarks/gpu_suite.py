@@ -92,11 +92,12 @@ def train_section(args: argparse.Namespace, device: torch.device, peak: float | 
     variants = [("eager", True, False), ("eager_contiguous", False, False)]
     if args.compile:
         variants.append(("compiled", True, True))
-    for batch in args.train_batches:
-        for name, channels_last, compiled in variants:
-            unet = build_unet(args, channels_last=channels_last).to(device)
-            model = compile_unet(unet) if compiled else unet
-            opt = torch.optim.AdamW(unet.parameters(), lr=1e-4, **optimizer_kwargs(device))
+    for name, channels_last, compiled in variants:  # one model per variant: one compilation serves all batches
+        unet = build_unet(args, channels_last=channels_last).to(device)
+        model = compile_unet(unet) if compiled else unet
+        opt = torch.optim.AdamW(unet.parameters(), lr=1e-4, **optimizer_kwargs(device))
+        model.train()
+        for batch in args.train_batches:
             g = torch.Generator().manual_seed(0)
             x = torch.randn(batch, 3, 32, 32, generator=g).to(device)
             t = torch.randint(0, 1000, (batch,), generator=g).to(device)
@@ -109,7 +110,6 @@ def train_section(args: argparse.Namespace, device: torch.device, peak: float | 
                 loss.backward()
                 opt.step()
 
-            model.train()
             t0 = time.perf_counter()
             for _ in range(2):  # warm-up: compilation, cuDNN autotuning, allocator
                 step()
@@ -123,9 +123,9 @@ def train_section(args: argparse.Namespace, device: torch.device, peak: float | 
             rows.append(row)
             print(f"[train] b{batch} {name:16s} {ips:10.1f} img/s  {row['tflop_per_s']:7.2f} TFLOP/s"
                   + (f"  MFU {100 * row['mfu']:.1f}%" if peak else "") + f"  (warm-up {warm:.0f}s)", flush=True)
-            del model, unet, opt
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+        del model, unet, opt
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     if args.diffusers:
         rows.extend(diffusers_train(args, device, train_flops, peak))
     return rows
@@ -175,6 +175,7 @@ def sampling_section(args: argparse.Namespace, device: torch.device) -> list[dic
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             variants["compiled"] = compile_unet(unet, warmup_batch_sizes=warm)
         print(f"[sample] compiled (warm-up batches {warm}) in {time.perf_counter() - t0:.0f}s", flush=True)
+    graphs_after_warmup = _graphs()
     rows = []
     for batch in args.sample_batches:
         for name, model in variants.items():
@@ -195,7 +196,17 @@ def sampling_section(args: argparse.Namespace, device: torch.device) -> list[dic
                 a = sample(diffusion, unet, noise.shape, sampler="ddim", steps=20, noise=noise)
                 b = sample(diffusion, variants["compiled"], noise.shape, sampler="ddim", steps=20, noise=noise)
             rows[-1]["max_abs_diff_vs_eager"] = float((a.float() - b.float()).abs().max())
+    if "compiled" in variants:  # graphs dynamo built after the warm-up: 0 means no recompiles across batch sizes
+        rows.append({"what": "ddim20_recompiles_after_warmup", "variant": "compiled",
+                     "new_graphs": _graphs() - graphs_after_warmup})
+        print(f"[sample] graphs compiled after the warm-up: {rows[-1]['new_graphs']}", flush=True)
     return rows
+
+
+def _graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
