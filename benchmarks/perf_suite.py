@@ -241,48 +241,52 @@ def sampling_section(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------------------------- 3. overhead
-def overhead_section(args: argparse.Namespace) -> list[dict[str, Any]]:
-    def zero(x: torch.Tensor, t: Any, **_kw: Any) -> torch.Tensor:
-        return torch.zeros_like(x)
+def _zero(x: torch.Tensor, t: Any, **_kw: Any) -> torch.Tensor:
+    """The trivial model: predicts eps = 0."""
+    return torch.zeros_like(x)
 
-    d = _diffusion()
+
+def _overhead_row(d: GaussianDiffusion, sampler: str, steps: int, rounds: int) -> dict[str, Any]:
+    """(loop - the same number of bare model calls) / steps, ours vs diffusers' loop, wall and CPU time."""
     shape = (1, 3, 32, 32)
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(0))
-    rows = []
-    for sampler, steps in (("ddpm", args.overhead_ddpm_steps), ("ddim", 50)):
-        sch = _schedulers(d, sampler, steps)
-        cpu: dict[str, list[float]] = {"ours": [], "diffusers": [], "bare": []}
+    sch = _schedulers(d, sampler, steps)
+    cpu: dict[str, list[float]] = {"ours": [], "diffusers": [], "bare": []}
 
-        def timed_cpu(key: str, fn: Callable[[], Any]) -> Callable[[], None]:
-            def run() -> None:
-                c0 = time.process_time()
-                fn()
-                cpu[key].append(time.process_time() - c0)
-            return run
+    def timed_cpu(key: str, fn: Callable[[], Any]) -> Callable[[], None]:
+        def run() -> None:
+            c0 = time.process_time()
+            fn()
+            cpu[key].append(time.process_time() - c0)
+        return run
 
-        def bare() -> None:
-            t = torch.zeros(1, dtype=torch.long)
-            for _ in range(steps):
-                zero(noise, t)
+    def bare() -> None:
+        t = torch.zeros(1, dtype=torch.long)
+        for _ in range(steps):
+            _zero(noise, t)
 
-        fns = {
-            "ours": timed_cpu("ours", lambda: sample(d, zero, shape, sampler=sampler, steps=steps, noise=noise,
-                                                     generator=torch.Generator().manual_seed(1))),
-            "diffusers": timed_cpu("diffusers", lambda: _diffusers_loop(zero, sch, noise, sampler == "ddim", 1)),
-            "bare": timed_cpu("bare", bare),
-        }
-        print(f"[overhead] {sampler}-{steps} batch 1", flush=True)
-        wall = interleaved(fns, args.sample_rounds + 2)
-        for k in cpu:
-            cpu[k] = cpu[k][-len(wall[k]):]
-        model_s, model_cpu = _median(wall["bare"]), _median(cpu["bare"])
-        row: dict[str, Any] = {"sampler": sampler, "steps": steps, "batch": 1}
-        for k in ("ours", "diffusers"):
-            row[f"{k}_us_per_step"] = (_median(wall[k]) - model_s) / steps * 1e6
-            row[f"{k}_cpu_us_per_step"] = (_median(cpu[k]) - model_cpu) / steps * 1e6
-        row["seconds_all_rounds"] = wall
-        rows.append(row)
-    return rows
+    fns = {
+        "ours": timed_cpu("ours", lambda: sample(d, _zero, shape, sampler=sampler, steps=steps, noise=noise,
+                                                 generator=torch.Generator().manual_seed(1))),
+        "diffusers": timed_cpu("diffusers", lambda: _diffusers_loop(_zero, sch, noise, sampler == "ddim", 1)),
+        "bare": timed_cpu("bare", bare),
+    }
+    print(f"[overhead] {sampler}-{steps} batch 1", flush=True)
+    wall = interleaved(fns, rounds)
+    cpu = {k: v[-len(wall[k]):] for k, v in cpu.items()}  # drop the warm-up round
+    model_s, model_cpu = _median(wall["bare"]), _median(cpu["bare"])
+    row: dict[str, Any] = {"sampler": sampler, "steps": steps, "batch": 1}
+    for k in ("ours", "diffusers"):
+        row[f"{k}_us_per_step"] = (_median(wall[k]) - model_s) / steps * 1e6
+        row[f"{k}_cpu_us_per_step"] = (_median(cpu[k]) - model_cpu) / steps * 1e6
+    row["seconds_all_rounds"] = wall
+    return row
+
+
+def overhead_section(args: argparse.Namespace) -> list[dict[str, Any]]:
+    d = _diffusion()
+    return [_overhead_row(d, sampler, steps, args.sample_rounds + 2)
+            for sampler, steps in (("ddpm", args.overhead_ddpm_steps), ("ddim", 50))]
 
 
 # ---------------------------------------------------------------------------------------------- 4. matmul

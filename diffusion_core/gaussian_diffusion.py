@@ -110,7 +110,7 @@ class GaussianDiffusion:
             raise ValueError("betas must be a non-empty 1-D sequence with values in (0, 1]")
         self.betas = betas
         self.num_timesteps = int(betas.numel())
-        self._cache: dict[tuple, torch.Tensor | list[float]] = {}
+        self._cache: dict[tuple, torch.Tensor | list[torch.Tensor]] = {}  # device copies, per-step rows
 
         alphas = 1.0 - betas
         ab = torch.cumprod(alphas, dim=0)

@@ -7,7 +7,14 @@ from .diffusers_convert import (
     unet_config_from_diffusers,
 )
 from .embeddings import SinusoidalTimestepEmbedding, timestep_embedding
-from .fast import CPU_WARMUP_BATCH_SIZES, CompiledUNet, compile_unet, fast_defaults, is_compiled, optimizer_kwargs
+from .fast import (
+    CPU_WARMUP_BATCH_SIZES,
+    CompiledUNet,
+    compile_unet,
+    fast_defaults,
+    is_compiled,
+    optimizer_kwargs,
+)
 from .unet import AttentionBlock, GroupNorm32, ResBlock, UNet
 
 __all__ = [
