@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel
 
+from diffusion_core.models import compile_unet, fast_defaults
 from pipelines.config import ConfigError, PipelineConfig, dump_yaml
 from pipelines.data import DataResult, check_shard_count, make_loader, split_shards
 from pipelines.images import NORMALISATION
@@ -174,7 +175,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     after_step = faults.arm(unet, rank=rank, start_step=start_step, resumed=resumed is not None)
 
     # Wrap the network for DDP.
-    model = torch.compile(unet) if tc.compile else unet
+    model = compile_unet(unet) if tc.compile else unet  # inductor; state_dict keys stay unprefixed
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False})
 
     # Open this rank's data stream.
@@ -193,6 +194,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         mlflow.set_tracking_uri(config["tracking_uri"])
         client = mlflow.MlflowClient()
         client.log_param(run_id, f"threads_per_worker_rank0_attempt{start_step}", threads)
+        for k, v in fast_defaults(device).items():  # the per-device speed choices, as MLflow params
+            client.log_param(run_id, f"fast.{k}", v)
         print(f"[train] world_size={world} device={device} threads/worker={threads} amp={use_amp} "
               f"compile={tc.compile} start_step={start_step}/{tc.max_steps}", flush=True)
     node_ids = gather_node_ids()  # [storage/cluster] a collective: every rank reports its Ray node
