@@ -31,7 +31,8 @@ import typer
 from pydantic import BaseModel, Field
 
 ROOT = Path(__file__).resolve().parents[2]
-STATE_DIR = ROOT / "workspace" / "cluster"
+# DP_CLUSTER_DIR moves the state (tests use a temporary one); the PostgreSQL user must be able to enter it.
+STATE_DIR = Path(os.environ.get("DP_CLUSTER_DIR") or ROOT / "workspace" / "cluster").resolve()
 BIN = Path(sys.executable).parent
 BUCKET = "diffusion-pipeline"  # configs/cluster_local.yaml names it
 PG_USER = "dp-postgres"  # the system user PostgreSQL runs as when we are root (initdb refuses root)
@@ -521,6 +522,36 @@ def status() -> None:
         typer.echo(f"  {name:<11} pid {c.pid:<8} {'alive' if _alive(c.pid) else 'DEAD'}  log {c.log}")
     typer.echo(f"  ray nodes alive: {alive_nodes(state)}")
     _print_urls(load_endpoints())
+    if not all(_alive(c.pid) for c in state.components.values()):
+        raise typer.Exit(1)
+
+
+@app.command("kill-worker")
+def kill_worker() -> None:
+    """Node-loss drill: kill -9 the worker node's raylet (its workers die with it)."""
+    state = load_state()
+    comp = state.components.get("ray_worker") if state else None
+    pids = pids_named(comp.pid, "raylet") if comp else []
+    if not pids:
+        typer.echo("[cluster] no worker raylet runs", err=True)
+        raise typer.Exit(1)
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    typer.echo(f"[cluster] killed the worker node's raylet (pid {', '.join(map(str, pids))})")
+
+
+@app.command("worker-up")
+def worker_up() -> None:
+    """Bring the worker node back (after kill-worker): what is left of the old one is stopped first."""
+    state = load_state()
+    if state is None:
+        typer.echo("[cluster] not running", err=True)
+        raise typer.Exit(1)
+    if (old := state.components.get("ray_worker")) is not None:
+        stop_session(old, grace_s=10)
+    state.components["ray_worker"] = start_ray_worker(state)
+    save_state(state)
+    typer.echo(f"[cluster] ray_worker: up again (pid {state.components['ray_worker'].pid})")
 
 
 # What `--working-dir .` must not upload (Ray also honours .gitignore): state, virtualenvs, results, caches.
