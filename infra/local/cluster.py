@@ -559,12 +559,12 @@ RUNTIME_ENV = {"excludes": ["workspace/", ".venv/", ".git/", "benchmarks/results
                             ".pytest_cache/", ".ruff_cache/", "*.pt", "*.safetensors", "*.tar", "*.png"]}
 
 
-def submit_argv(ep: Endpoints, config: str, overrides: list[str], extra: list[str]) -> list[str]:
+def submit_argv(ep: Endpoints, config: str, overrides: list[str], run_args: list[str]) -> list[str]:
     """The README's `ray job submit --working-dir .` of the DAG on ``config``, at this cluster's job API."""
     sets = [a for o in [f"serve.port={ep.serve_port}", *overrides] for a in ("--set", o)]
     return [str(BIN / "ray"), "job", "submit", "--address", ep.ray_address, "--working-dir", ".",
-            "--runtime-env-json", json.dumps(RUNTIME_ENV), *extra, "--",
-            "diffusion-pipeline", "run", "--config", config, *sets]
+            "--runtime-env-json", json.dumps(RUNTIME_ENV), "--",
+            "diffusion-pipeline", "run", "--config", config, *sets, *run_args]
 
 
 def client_process_env(ep: Endpoints) -> dict[str, str]:
@@ -573,11 +573,11 @@ def client_process_env(ep: Endpoints) -> dict[str, str]:
     return {**env, **ep.client_env, "PATH": f"{BIN}:{env.get('PATH', '/usr/bin:/bin')}"}
 
 
-def submit_job(config: str, overrides: list[str] | None = None, extra: list[str] | None = None,
+def submit_job(config: str, overrides: list[str] | None = None, run_args: list[str] | None = None,
                timeout_s: float = 3600, capture: bool = False) -> subprocess.CompletedProcess:
     """Submit the DAG and wait for it; retries while the head's job agent is still coming up."""
     ep = load_endpoints()
-    argv = submit_argv(ep, config, overrides or [], extra or [])
+    argv = submit_argv(ep, config, overrides or [], run_args or [])
     for _ in range(20):
         proc = subprocess.run(argv, env=client_process_env(ep), cwd=ROOT, timeout=timeout_s, text=True,
                               capture_output=True)
@@ -592,10 +592,13 @@ def submit_job(config: str, overrides: list[str] | None = None, extra: list[str]
 
 @app.command()
 def submit(config: str = typer.Option("configs/cluster_local.yaml", help="Pipeline config (relative to the repo)."),
-           set_: list[str] = typer.Option([], "--set", help="Config overrides a.b=value, passed to the run.")) -> None:
+           set_: list[str] = typer.Option([], "--set", help="Config overrides a.b=value, passed to the run."),
+           until: str | None = typer.Option(None, help="Last stage to run (passed to the run)."),
+           force: list[str] = typer.Option([], help="Stages to re-run (passed to the run).")) -> None:
     """`ray job submit --working-dir .` of `diffusion-pipeline run` on this cluster; prints the URLs after."""
     t0 = time.time()
-    proc = submit_job(config, set_)
+    run_args = [*(["--until", until] if until else []), *[a for f in force for a in ("--force", f)]]
+    proc = submit_job(config, set_, run_args)
     typer.echo(f"[cluster] job {'succeeded' if proc.returncode == 0 else 'FAILED'} in {time.time() - t0:.0f} s")
     _print_urls(load_endpoints())
     raise typer.Exit(proc.returncode)
