@@ -174,11 +174,12 @@ def run(config: ConfigOpt = None, set_: SetOpt = None, address: AddressOpt = Non
     earlier stages' outputs intact, so re-running resumes after the last completed stage.
     """
     from pipelines.dag import StageError, run_pipeline
+    from pipelines.storage import LockHeld
 
     cfg = _cfg(config, [*(set_ or []), *(["serve.keep_alive=true"] if keep_serving else [])], address)
     try:
         res = run_pipeline(cfg, start=start, until=until, force=force or [])
-    except (StageError, ValueError) as e:
+    except (StageError, ValueError, LockHeld) as e:
         typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
         raise typer.Exit(1) from None
     _summary(cfg, res, config)

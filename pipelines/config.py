@@ -30,10 +30,33 @@ class _Section(BaseModel):
 
 class WorkspaceConfig(_Section):
     root: Path = Field(Path("workspace"), description="Local root for shards, Ray results and MLflow (SQLite).")
+    store: str | None = Field(
+        None,
+        description="Shared store for a cluster run: s3://bucket/prefix or gs://bucket/prefix. Prepared shards go "
+        "to <store>/data and stage records to <store>/pipeline, so every node and every re-submitted job sees "
+        "them. None: both stay under workspace.root.",
+    )
+
+    @field_validator("store")
+    @classmethod
+    def _store_uri(cls, v: str | None) -> str | None:
+        from pipelines.storage import check_object_uri
+
+        return None if v is None else check_object_uri(v, field="workspace.store")
 
     @property
     def data_dir(self) -> Path:
         return self.root.resolve() / "data"
+
+    @property
+    def data_uri(self) -> str:
+        """Where prepared shards live: ``<store>/data`` or the local ``data_dir``."""
+        return f"{self.store}/data" if self.store else str(self.data_dir)
+
+    @property
+    def records_uri(self) -> str:
+        """Where stage records (and the workspace lock) live: ``<store>/pipeline`` or ``<root>/pipeline``."""
+        return f"{self.store}/pipeline" if self.store else str(self.root.resolve() / "pipeline")
 
     @property
     def ray_results(self) -> Path:
@@ -81,6 +104,10 @@ class DataConfig(_Section):
     random_flip: bool = Field(False, description="Random horizontal flip (off for digits: flipped digits differ).")
     on_error: Literal["raise", "skip"] = Field(
         "raise", description="Corrupt samples/shards: raise (naming shard and key) or skip and count them."
+    )
+    prepare_tasks: int | None = Field(
+        None, ge=1, description="Parallel Ray tasks writing shards (the bytes do not depend on it). None: one per "
+        "CPU of the running Ray cluster for sources of 10,000+ images, else serial; 1: serial, in this process.",
     )
 
 

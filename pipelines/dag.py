@@ -2,24 +2,29 @@
 
 Each stage is a ``@ray.remote`` task; the next stage receives the previous one's ObjectRef, so Ray resolves the
 dependencies (the task DAG) and stages run wherever the cluster has room. Stages exchange small pydantic results,
-never tensors. The driver records every finished stage in ``workspace/pipeline/<stage>.json`` with a fingerprint
-of the config sections and upstream results it depends on; a later run skips stages whose fingerprint matches and
-whose outputs still exist, and ``force`` re-runs a stage and everything after it.
+never tensors. The driver records every finished stage in ``<workspace.records_uri>/<stage>.json`` (the local
+``workspace/pipeline/`` or, with ``workspace.store``, the shared object store, so a re-submitted cluster job sees
+them) with a fingerprint of the config sections and upstream results it depends on; a later run skips stages whose
+fingerprint matches and whose outputs still exist, and ``force`` re-runs a stage and everything after it. Records
+are written atomically; a corrupt one is reported and counts as not done. One driver at a time per workspace:
+:func:`workspace_lock`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 import traceback
-from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
 
+from pipelines import storage
 from pipelines.config import PipelineConfig
 
+logger = logging.getLogger(__name__)
 STAGES = ("prepare_data", "train", "evaluate", "promote", "deploy")
 # The config sections / fields each stage's output depends on (besides its upstream stage results), and the
 # fields inside them that do not change that output.
@@ -30,7 +35,8 @@ STAGE_SECTIONS = {
     "promote": ("evaluate.primary_metric", "evaluate.promote_margin", "registry"),
     "deploy": ("serve", "registry"),
 }
-STAGE_EXCLUDE = {"evaluate": ("evaluate.primary_metric", "evaluate.promote_margin")}
+STAGE_EXCLUDE = {"prepare_data": ("data.prepare_tasks",), "train": ("data.prepare_tasks",),
+                 "evaluate": ("evaluate.primary_metric", "evaluate.promote_margin")}
 PARENT_TAG = "pipeline_run"
 
 
@@ -59,21 +65,33 @@ def stage_fingerprint(cfg: PipelineConfig, stage: str, upstream: dict[str, Any] 
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _records_dir(cfg: PipelineConfig) -> Path:
-    return cfg.workspace.root.resolve() / "pipeline"
+def _record_uri(cfg: PipelineConfig, stage: str) -> str:
+    return storage.join(cfg.workspace.records_uri, f"{stage}.json")
 
 
 def read_record(cfg: PipelineConfig, stage: str) -> StageRecord | None:
-    p = _records_dir(cfg) / f"{stage}.json"
-    return StageRecord.model_validate_json(p.read_text()) if p.is_file() else None
+    """The stage's record, or None when it never finished. A corrupt record is reported (naming the file) and
+    counts as not done, so the stage re-runs and its next record replaces it."""
+    uri = _record_uri(cfg, stage)
+    try:
+        return StageRecord.model_validate(storage.read_json(uri))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        logger.warning("stage record %s is unreadable or corrupt (%s: %s); treating stage '%s' as not done",
+                    uri, type(e).__name__, str(e).splitlines()[0], stage)
+        return None
 
 
 def write_record(cfg: PipelineConfig, rec: StageRecord) -> None:
-    d = _records_dir(cfg)
-    d.mkdir(parents=True, exist_ok=True)
-    tmp = d / f".{rec.stage}.json.tmp"
-    tmp.write_text(rec.model_dump_json(indent=2))
-    tmp.replace(d / f"{rec.stage}.json")
+    """Write a stage record atomically: a unique temporary name + ``os.replace`` locally, one PUT on S3/GCS."""
+    storage.write_bytes(_record_uri(cfg, rec.stage), rec.model_dump_json(indent=2).encode())
+
+
+def workspace_lock(cfg: PipelineConfig) -> storage.StoreLock:
+    """The lock one pipeline driver holds while it reads and writes the stage records of a workspace (local or
+    ``workspace.store``); a second driver gets :class:`pipelines.storage.LockHeld` naming the holder."""
+    return storage.StoreLock(storage.join(cfg.workspace.records_uri, ".lock"), what="pipeline workspace lock")
 
 
 def outputs_exist(cfg: PipelineConfig, stage: str, result: dict[str, Any]) -> bool:
@@ -82,7 +100,7 @@ def outputs_exist(cfg: PipelineConfig, stage: str, result: dict[str, Any]) -> bo
 
     try:
         if stage == "prepare_data":
-            return Path(result["manifest_path"]).is_file()
+            return storage.exists(str(result["manifest_path"]))
         if stage in ("train", "evaluate"):
             name, version = result.get("model_name"), result.get("model_version")
             return bool(name and version and mlflow.MlflowClient().get_model_version(name, version))
@@ -199,7 +217,17 @@ def plan(cfg: PipelineConfig, start: str | None, until: str | None, force: list[
 
 def run_pipeline(cfg: PipelineConfig, *, start: str | None = None, until: str | None = None,
                  force: list[str] | None = None, log=print) -> PipelineResult:
-    """Run the stages from ``start`` to ``until`` as chained Ray tasks, skipping up-to-date stages."""
+    """Run the stages from ``start`` to ``until`` as chained Ray tasks, skipping up-to-date stages.
+
+    The driver holds :func:`workspace_lock` throughout: a second driver on the same workspace (or store) is
+    refused at once with :class:`pipelines.storage.LockHeld`, before it reads a record or starts a stage."""
+    plan(cfg, start, until, force or [])  # a bad stage name is reported before the lock is taken
+    with workspace_lock(cfg):
+        return _run_locked(cfg, start=start, until=until, force=force, log=log)
+
+
+def _run_locked(cfg: PipelineConfig, *, start: str | None, until: str | None, force: list[str] | None,
+                log) -> PipelineResult:
     import mlflow
     import ray
 

@@ -24,6 +24,7 @@ from diffusion_core import LossSecondMomentResampler, UniformSampler, create_dif
 from pipelines.config import ConfigError, PipelineConfig, dump_yaml
 from pipelines.data import DataResult, check_shard_count, make_loader, split_shards
 from pipelines.model_io import build_unet, diffusion_kwargs, log_and_register, save_weights, write_model_dir
+from pipelines.storage import train_storage
 
 RUN_TAG = "ray_run_name"
 
@@ -152,6 +153,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         client.log_param(config["mlflow_run_id"], f"threads_per_worker_rank0_attempt{resumed_from or 0}", threads)
         print(f"[train] world_size={world} device={device} threads/worker={threads} amp={use_amp} "
               f"compile={compiled} start_step={step}/{tc.max_steps}", flush=True)
+    node_ids = gather_node_ids()  # [storage/cluster] a collective: every rank reports its Ray node
+    if rank == 0:
+        client.set_tag(config["mlflow_run_id"], "ray.node_ids", json.dumps(node_ids))
 
     T = diffusion.num_timesteps
     window = _new_window()
@@ -355,6 +359,7 @@ def run_training(cfg: PipelineConfig, data: DataResult, *, faults: FaultInjectio
     if storage is None:
         cfg.workspace.ray_results.mkdir(parents=True, exist_ok=True)
         storage = str(cfg.workspace.ray_results)
+    storage, storage_fs = train_storage(storage)  # [storage] s3:// / gs:// through pipelines.storage's filesystem
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "data": data.model_dump(mode="json"), "mlflow_run_id": run_id,
@@ -363,7 +368,7 @@ def run_training(cfg: PipelineConfig, data: DataResult, *, faults: FaultInjectio
                                                resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo", timeout_s=cfg.train.timeout_s),
         run_config=ray.train.RunConfig(
-            name=cfg.train.run_name, storage_path=storage,
+            name=cfg.train.run_name, storage_path=storage, storage_filesystem=storage_fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.num_to_keep),
         ),
@@ -410,3 +415,17 @@ def _register(cfg: PipelineConfig, out: TrainResult, ckpt_dir: Path, card: dict,
     client.set_tag(out.mlflow_run_id, "registered_version", reg.version)
     client.set_tag(out.mlflow_run_id, "registered_steps", str(out.steps))
     return out.model_copy(update={"model_name": reg.name, "model_version": reg.version, "model_uri": reg.uri})
+
+
+# ------------------------------------------------------------------------------ [storage/cluster] node ids
+def gather_node_ids() -> list[str]:
+    """The Ray node id of every rank, in rank order (MLflow tag ``ray.node_ids``). A collective: all ranks call it."""
+    import ray
+    import torch.distributed as dist
+
+    mine = ray.get_runtime_context().get_node_id()
+    if not (dist.is_available() and dist.is_initialized()):
+        return [mine]
+    ids: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(ids, mine)
+    return [str(i) for i in ids]

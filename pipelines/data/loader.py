@@ -43,6 +43,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
+from pipelines import storage
 from pipelines.data.manifest import read_manifest
 
 log = logging.getLogger(__name__)
@@ -115,13 +116,15 @@ def _check_clean_end(last: dict[str, bytes]) -> None:
 def iter_shard(url: str) -> Iterator[dict[str, Any]]:
     """Yield the samples of one tar shard as dicts ``{"__key__", "__url__", ext: bytes}``.
 
-    Any failure (unreadable URL, truncated or corrupt tar) raises :class:`ShardReadError` naming the shard and
-    the key being read; samples completed before the damage have already been yielded.
+    ``s3://`` / ``gs://`` shards stream through :mod:`pipelines.storage`; local paths, ``http(s)://`` and
+    ``pipe:`` through ``wds.gopen``. Any failure (unreadable URL, truncated or corrupt tar) raises
+    :class:`ShardReadError` naming the shard and the key being read; samples completed before the damage have
+    already been yielded.
     """
     key: str | None = None
     current: dict[str, Any] | None = None
     try:
-        stream = wds.gopen(url, "rb")
+        stream = storage.open_input(url) if storage.is_object_uri(url) else wds.gopen(url, "rb")
         try:
             tar = tarfile.open(fileobj=stream, mode="r|*")
             last_read = _record_last_read(tar)

@@ -11,7 +11,8 @@ Layout (format_version 1)::
      "created_unix": 1700000000.0, "writer": "pipelines.data"}
 
 Shard paths are relative to the manifest's directory, so a prepared directory can be moved or synced to
-object storage as a whole. :func:`read_manifest` adds ``root`` and absolute ``urls`` per split.
+object storage as a whole. :func:`read_manifest` adds ``root`` and absolute ``urls`` per split; it reads local
+directories and ``s3://`` / ``gs://`` prefixes alike (through :mod:`pipelines.storage`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Any
+
+from pipelines import storage
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
@@ -30,33 +33,34 @@ class ManifestError(ValueError):
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
-    """Load ``manifest.json`` (or the directory holding it), check its format, and add ``root`` (the directory)
-    and ``splits[s]["urls"]`` (absolute shard paths) for convenience."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / MANIFEST_NAME
+    """Load ``manifest.json`` (or the directory / object prefix holding it), check its format, and add ``root``
+    (the directory or prefix) and ``splits[s]["urls"]`` (absolute shard paths or URIs) for convenience."""
+    p = str(path)
+    if storage.is_object_uri(p):
+        p = p if p.endswith("/" + MANIFEST_NAME) else storage.join(p, MANIFEST_NAME)
+    elif Path(p).is_dir():
+        p = str(Path(p) / MANIFEST_NAME)
     try:
-        m = json.loads(p.read_text())
+        m = storage.read_json(p)
     except FileNotFoundError:
         raise ManifestError(f"manifest not found: {p}") from None
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:
         raise ManifestError(f"cannot read manifest {p}: {e}") from None
     if not isinstance(m, dict) or any(k not in m for k in _REQUIRED):
         missing = [k for k in _REQUIRED if not isinstance(m, dict) or k not in m]
         raise ManifestError(f"{p}: not a pipelines.data manifest (missing {', '.join(missing)})")
     if m["format_version"] != FORMAT_VERSION:
         raise ManifestError(f"{p}: format_version {m['format_version']} is not supported (expected {FORMAT_VERSION})")
-    root = p.parent.resolve()
-    m["root"] = str(root)
+    root = p.rsplit("/", 1)[0] if storage.is_object_uri(p) else str(Path(p).parent.resolve())
+    m["root"] = root
     for split in m["splits"].values():
-        split["urls"] = [str(root / s["path"]) for s in split["shards"]]
+        split["urls"] = [storage.join(root, s["path"]) for s in split["shards"]]
     return m
 
 
-def write_manifest(directory: Path, manifest: dict[str, Any]) -> Path:
-    """Write ``manifest.json`` into ``directory`` (the last file written when preparing a dataset)."""
-    path = directory / MANIFEST_NAME
-    tmp = directory / (MANIFEST_NAME + ".partial")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
-    tmp.replace(path)
+def write_manifest(directory: str | Path, manifest: dict[str, Any]) -> str:
+    """Write ``manifest.json`` into ``directory`` (a local path or an object prefix) atomically; it is the last
+    file written when preparing a dataset, so its presence means the shards are complete."""
+    path = storage.join(directory, MANIFEST_NAME)
+    storage.write_bytes(path, (json.dumps(manifest, indent=2, sort_keys=False) + "\n").encode())
     return path

@@ -1,30 +1,40 @@
 """``prepare_data``: write a source as webdataset shards + ``manifest.json``, once per content fingerprint.
 
-Output: ``<workspace.data_dir>/<fingerprint>/{train,test}/shard-%06d.tar`` and ``manifest.json``. Each sample
+Output: ``<workspace.data_uri>/<fingerprint>/{train,test}/shard-%06d.tar`` and ``manifest.json``, where
+``data_uri`` is ``workspace.root/data`` or, with ``workspace.store``, ``<store>/data`` on S3/GCS. Each sample
 is ``<key>.png`` (lossless, L or RGB), ``<key>.cls`` (decimal label; absent when unlabelled) and
 ``<key>.json`` (where it came from). Tar members carry mtime 0, so the same input gives byte-identical shards.
 
 The fingerprint hashes the source's identity (content hash of the digits arrays / the CIFAR tarball's sha256 /
 the image folder's listing with sizes and mtimes) plus the data settings that change the bytes written
 (source, image_size, channels, samples_per_shard, test_fraction, split_seed) and the format version. Loader
-settings (workers, shuffle buffer, flip, on_error) do not change it.
+settings (workers, shuffle buffer, flip, on_error) and ``prepare_tasks`` do not change it.
 
-Atomicity: everything is written to ``<data_dir>/.tmp-<fingerprint>-<host>-<pid>-<rand>/`` with the manifest
-last, then ``os.replace``-d onto the final name, so a directory under its fingerprint is always complete.
-A failed run removes its temp dir; temp dirs left by a killed process on this host are removed by the next run.
-Two concurrent preparers of the same fingerprint both finish; the loser of the rename discards its copy.
+Scale-out: the splits are cut into shards (:func:`shard_jobs`), and ``data.prepare_tasks`` Ray tasks each write
+a contiguous range of them. A shard's bytes depend only on its records and their offset, and the channel
+statistics are combined from exact integer sums, so the output is byte-identical for any number of tasks.
+
+Atomicity (nothing looks finished until everything is):
+
+* local: everything is written to ``<data_dir>/.tmp-<fingerprint>-<host>-<pid>-<rand>/`` with the manifest
+  last, then ``os.replace``-d onto the final name, so a directory under its fingerprint is always complete. A
+  failed run removes its temp dir; temp dirs left by a killed process on this host are removed by the next run.
+  Two concurrent preparers of the same fingerprint both finish; the loser of the rename discards its copy.
+* object store: each shard is one PUT under the final prefix and the manifest is PUT last; only a prefix with a
+  manifest counts as prepared (see :func:`_write_object`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
 import shutil
 import socket
 import time
-import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +43,7 @@ import webdataset as wds
 from pydantic import BaseModel
 from tqdm.auto import tqdm
 
+from pipelines import storage
 from pipelines.config import ConfigError, DataConfig, PipelineConfig
 from pipelines.data.loader import decode_sample, iter_shard
 from pipelines.data.manifest import FORMAT_VERSION, MANIFEST_NAME, read_manifest, write_manifest
@@ -53,8 +64,8 @@ class DataResult(BaseModel):
 
     source: str
     fingerprint: str
-    manifest_path: Path | None
-    data_dir: Path | None
+    manifest_path: Path | str | None  # str: an object-store URI
+    data_dir: Path | str | None
     train_urls: list[str]
     test_urls: list[str]
     num_train: int | None
@@ -94,10 +105,15 @@ def _make_source(d: DataConfig):
     raise ConfigError(f"data.source: unknown source {d.source!r} (accepted: digits, image_folder, cifar10, shards)")
 
 
+def _location(uri: str) -> Path | str:
+    return uri if storage.is_object_uri(uri) else Path(uri)
+
+
 def _result(m: dict[str, Any], source: str, skipped: bool) -> DataResult:
-    root = Path(m["root"])
+    root = m["root"]
     return DataResult(
-        source=source, fingerprint=m["fingerprint"], manifest_path=root / MANIFEST_NAME, data_dir=root,
+        source=source, fingerprint=m["fingerprint"], manifest_path=_location(storage.join(root, MANIFEST_NAME)),
+        data_dir=_location(root),
         train_urls=m["splits"].get("train", {}).get("urls", []), test_urls=m["splits"].get("test", {}).get("urls", []),
         num_train=m["splits"].get("train", {}).get("count", 0), num_test=m["splits"].get("test", {}).get("count", 0),
         num_classes=m["num_classes"], class_names=m["class_names"], image_size=m["image_size"],
@@ -106,10 +122,12 @@ def _result(m: dict[str, Any], source: str, skipped: bool) -> DataResult:
 
 
 def prepare_data(cfg: PipelineConfig, *, progress: bool = True) -> DataResult:
-    """Write ``cfg.data``'s source as shards under ``cfg.workspace.data_dir/<fingerprint>`` (no-op if present).
+    """Write ``cfg.data``'s source as shards under ``<workspace.data_uri>/<fingerprint>`` (no-op if present).
 
-    For ``data.source: shards`` nothing is written: the URLs are expanded and described (see
-    :func:`describe_shards`).
+    ``data_uri`` is local (``workspace.root/data``) or, with ``workspace.store``, an object-store prefix. The
+    shards are written by ``data.prepare_tasks`` parallel Ray tasks (:func:`write_shards`); the result is
+    byte-identical whatever their number. For ``data.source: shards`` nothing is written: the URLs are expanded
+    and described (see :func:`describe_shards`).
     """
     d = cfg.data
     if d.source == "shards":
@@ -117,45 +135,62 @@ def prepare_data(cfg: PipelineConfig, *, progress: bool = True) -> DataResult:
     source = _make_source(d)
     identity, settings = source.identity(), output_settings(d)
     fp = compute_fingerprint(identity, settings)
-    root = cfg.workspace.data_dir
-    final = root / fp
-    if (final / MANIFEST_NAME).is_file():
+    final = storage.join(cfg.workspace.data_uri, fp)
+    if storage.exists(storage.join(final, MANIFEST_NAME)):
         log.info("data already prepared: %s", final)
         return _result(read_manifest(final), d.source, skipped=True)
-    if final.exists() and any(final.iterdir()):
-        raise FileExistsError(f"{final} exists but has no {MANIFEST_NAME} (not written by prepare_data); remove it")
-    root.mkdir(parents=True, exist_ok=True)
-    remove_stale_temp_dirs(root)
-    tmp = root / f".tmp-{fp}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    data = source.load()
+    manifest = {
+        "format_version": FORMAT_VERSION, "fingerprint": fp, "source": identity, "config": settings,
+        "image_size": d.image_size, "channels": d.channels,
+        "num_classes": len(data.class_names), "class_names": data.class_names,
+    }
+    if not data.splits.get("train"):
+        raise ValueError(f"data.path: the {d.source} source produced no training images")
+    write = _write_local if not storage.is_object_uri(final) else _write_object
+    tasks = _num_tasks(d, sum(len(r) for r in data.splits.values()))
+    skipped = write(final, manifest, data.splits, d, tasks, progress)
+    return _result(read_manifest(final), d.source, skipped=skipped)
+
+
+def _write_local(final: str, manifest: dict, splits: dict[str, list[Record]], d: DataConfig, tasks: int,
+                 progress: bool) -> bool:
+    """Local: everything goes to ``<data_dir>/.tmp-<fp>-<host>-<pid>-<rand>/`` (manifest last), then one
+    ``os.replace`` onto ``<fp>``. Returns True when a concurrent preparer renamed its copy first (ours is dropped)."""
+    final_p = Path(final)
+    if final_p.exists() and any(final_p.iterdir()):
+        raise FileExistsError(f"{final_p} exists but has no {MANIFEST_NAME} (not written by prepare_data); remove it")
+    final_p.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_dirs(final_p.parent)
+    tmp = final_p.parent / f".tmp-{final_p.name}-{storage.unique_suffix()}"
     try:
         tmp.mkdir()
-        data = source.load()
-        manifest = {
-            "format_version": FORMAT_VERSION, "fingerprint": fp, "source": identity, "config": settings,
-            "image_size": d.image_size, "channels": d.channels,
-            "num_classes": len(data.class_names), "class_names": data.class_names,
-        }
-        splits, stats = {}, None
-        for split in SPLITS:
-            splits[split], split_stats = write_split(tmp, split, data.splits.get(split, []), d, progress)
-            stats = split_stats if split == "train" else stats
-        if not splits["train"]["count"]:
-            raise ValueError(f"data.path: the {d.source} source produced no training images")
-        manifest.update(stats)
-        manifest["splits"] = splits
-        manifest.update(created_unix=time.time(), writer="pipelines.data")
-        write_manifest(tmp, manifest)
+        write_manifest(tmp, _complete(manifest, write_shards(str(tmp), splits, d, tasks, progress, local=True)))
         try:
-            os.replace(tmp, final)
+            os.replace(tmp, final_p)
         except OSError:
-            if not (final / MANIFEST_NAME).is_file():
+            if not (final_p / MANIFEST_NAME).is_file():
                 raise
-            log.info("another process prepared %s first; keeping its copy", final)
-            return _result(read_manifest(final), d.source, skipped=True)
+            log.info("another process prepared %s first; keeping its copy", final_p)
+            return True
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return _result(read_manifest(final), d.source, skipped=False)
+    return False
+
+
+def _write_object(final: str, manifest: dict, splits: dict[str, list[Record]], d: DataConfig, tasks: int,
+                  progress: bool) -> bool:
+    """Object store: shards are PUT under ``<fp>/`` directly and the manifest last. A prefix has no rename, and
+    none is needed: readers trust only a prefix with a manifest, and shard bytes are a function of the fingerprint,
+    so a killed or concurrent writer can leave only missing or identical objects behind, never different ones."""
+    write_manifest(final, _complete(manifest, write_shards(final, splits, d, tasks, progress, local=False)))
+    return False
+
+
+def _complete(manifest: dict, written: tuple[dict, dict]) -> dict:
+    split_entries, stats = written
+    return {**manifest, **stats, "splits": split_entries, "created_unix": time.time(), "writer": "pipelines.data"}
 
 
 def remove_stale_temp_dirs(root: Path) -> None:
@@ -173,45 +208,133 @@ def remove_stale_temp_dirs(root: Path) -> None:
             pass
 
 
-def write_split(directory: Path, split: str, records: list[Record], d: DataConfig, progress: bool):
-    """Write ``records`` as ``<split>/shard-%06d.tar``; return (split manifest entry, channel stats)."""
-    out = directory / split
-    out.mkdir()
-    shards: list[dict[str, Any]] = []
-    s1 = np.zeros(d.channels)
-    s2 = np.zeros(d.channels)
-    n_pix = 0
-    writer = None
-    bar = tqdm(total=len(records), desc=f"{d.source} {split}", unit="img", disable=not progress)
-    try:
-        for i, rec in enumerate(records):
-            if i % d.samples_per_shard == 0:
-                if writer is not None:
-                    writer.close()
-                path = out / f"shard-{len(shards):06d}.tar"
-                writer = wds.TarWriter(str(path), encoder=False, mtime=0)  # int: a float mtime adds a pax header
-                shards.append({"path": f"{split}/{path.name}", "count": 0})
+# ------------------------------------------------------------------------------------- writing shards
+@dataclass(frozen=True)
+class ShardJob:
+    """One shard to write: ``<split>/shard-<index>.tar`` holding ``records``, whose first has ``offset`` in
+    the split (sample keys are ``<split>-<offset + i>``, so a shard's bytes do not depend on who writes it)."""
+
+    split: str
+    index: int
+    offset: int
+    records: list[Record]
+
+    @property
+    def path(self) -> str:
+        return f"{self.split}/shard-{self.index:06d}.tar"
+
+
+def shard_jobs(splits: dict[str, list[Record]], samples_per_shard: int) -> list[ShardJob]:
+    """Cut every split into shards of ``samples_per_shard`` records (the last may be short), in order."""
+    jobs = []
+    for split in SPLITS:
+        records = splits.get(split, [])
+        jobs += [ShardJob(split, j, i, records[i : i + samples_per_shard])
+                 for j, i in enumerate(range(0, len(records), samples_per_shard))]
+    return jobs
+
+
+def write_shard(out: str, job: ShardJob, d: DataConfig) -> dict[str, Any]:
+    """Write one shard under ``out`` (local dir or object prefix) with ONE atomic write; return its manifest
+    entry plus exact integer pixel sums ``s1``/``s2`` (per channel, 0..255 scale) and the pixel count ``n``."""
+    buf = io.BytesIO()
+    s1, s2 = np.zeros(d.channels, dtype=np.int64), np.zeros(d.channels, dtype=np.int64)
+    with wds.TarWriter(buf, encoder=False, mtime=0) as writer:  # int mtime: a float one adds a pax header
+        for i, rec in enumerate(job.records):
             img = fit_image(rec.load(), d.image_size, d.channels)
-            arr = np.asarray(img, dtype=np.float64).reshape(d.image_size, d.image_size, d.channels) / 255.0
+            arr = np.asarray(img, dtype=np.int64).reshape(d.image_size, d.image_size, d.channels)
             s1 += arr.sum((0, 1))
             s2 += (arr**2).sum((0, 1))
-            n_pix += d.image_size**2
-            sample = {"__key__": f"{split}-{i:06d}", "png": png_bytes(img),
+            sample = {"__key__": f"{job.split}-{job.offset + i:06d}", "png": png_bytes(img),
                       "json": json.dumps(rec.source_id).encode()}
             if rec.label >= 0:
                 sample["cls"] = str(rec.label).encode()
             writer.write(sample)
-            shards[-1]["count"] += 1
-            bar.update(1)
+    data = buf.getvalue()
+    storage.write_bytes(storage.join(out, job.path), data)
+    return {"path": job.path, "count": len(job.records), "bytes": len(data), "s1": s1.tolist(), "s2": s2.tolist(),
+            "n": len(job.records) * d.image_size**2}
+
+
+def _write_batch(out: str, jobs: list[ShardJob], d: DataConfig) -> list[dict[str, Any]]:
+    return [write_shard(out, job, d) for job in jobs]
+
+
+def write_shards(out: str, splits: dict[str, list[Record]], d: DataConfig, tasks: int, progress: bool, *,
+                 local: bool) -> tuple[dict[str, Any], dict[str, list[float]]]:
+    """Write every split's shards under ``out``, serially (``tasks == 1``) or as ``tasks`` Ray tasks over
+    contiguous shard ranges; return (manifest ``splits``, train ``mean``/``std``).
+
+    The statistics are combined from exact integer sums, so they too are the same for any ``tasks``:
+    mean = S1 / (255 N), std = sqrt(S2 / (255^2 N) - mean^2) (Var = E[x^2] - E[x]^2). ``local``: the output is a
+    local directory, so the tasks are pinned to this node (as they are for ``image_folder``, whose inputs are
+    local files).
+    """
+    jobs = shard_jobs(splits, d.samples_per_shard)
+    bar = tqdm(total=sum(len(j.records) for j in jobs), desc=f"{d.source} shards", unit="img", disable=not progress)
+    entries: list[dict[str, Any]] = []
+    try:
+        if tasks <= 1 or len(jobs) <= 1:
+            for job in jobs:
+                entries.append(write_shard(out, job, d))
+                bar.update(len(job.records))
+        else:
+            for batch in _run_parallel(out, jobs, d, tasks, pin=local or d.source == "image_folder"):
+                entries += batch
+                bar.update(sum(e["count"] for e in batch))
     finally:
-        if writer is not None:
-            writer.close()
         bar.close()
-    for s in shards:
-        s["bytes"] = (directory / s["path"]).stat().st_size
-    mean = s1 / max(n_pix, 1)
-    std = np.sqrt(np.maximum(s2 / max(n_pix, 1) - mean**2, 0.0))  # Var = E[x^2] - E[x]^2
-    return {"count": len(records), "shards": shards}, {"mean": mean.tolist(), "std": std.tolist()}
+    entries.sort(key=lambda e: e["path"])
+    result = {}
+    for split in SPLITS:
+        mine = [e for e in entries if e["path"].startswith(split + "/")]
+        result[split] = {"count": sum(e["count"] for e in mine),
+                         "shards": [{k: e[k] for k in ("path", "count", "bytes")} for e in mine]}
+    train = [e for e in entries if e["path"].startswith("train/")]
+    n = max(sum(e["n"] for e in train), 1)
+    s1 = np.sum([e["s1"] for e in train], axis=0, dtype=np.int64)
+    s2 = np.sum([e["s2"] for e in train], axis=0, dtype=np.int64)
+    mean = s1 / (255.0 * n)
+    std = np.sqrt(np.maximum(s2 / (255.0**2 * n) - mean**2, 0.0))  # Var = E[x^2] - E[x]^2
+    return result, {"mean": mean.tolist(), "std": std.tolist()}
+
+
+# Below this many images a serial write beats starting Ray worker processes (digits: ~2 s serial).
+PARALLEL_MIN_IMAGES = 10_000
+
+
+def _num_tasks(d: DataConfig, n_images: int) -> int:
+    """``data.prepare_tasks``; unset: one per CPU of the running Ray cluster for a source of at least
+    :data:`PARALLEL_MIN_IMAGES` images, else 1 (serial, in this process)."""
+    if d.prepare_tasks is not None:
+        return d.prepare_tasks
+    import ray
+
+    if n_images < PARALLEL_MIN_IMAGES or not ray.is_initialized():
+        return 1
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def _run_parallel(out: str, jobs: list[ShardJob], d: DataConfig, tasks: int, *, pin: bool):
+    """Yield the entries of ``tasks`` Ray tasks, each writing a contiguous range of shards, as they finish."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    if not ray.is_initialized():
+        raise RuntimeError(f"data.prepare_tasks={tasks} needs a running Ray (it starts with the pipeline)")
+    opts: dict[str, Any] = {"num_cpus": 1, "name": "prepare:write_shards"}
+    if pin:
+        opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    remote = ray.remote(_write_batch).options(**opts)
+    bounds = np.linspace(0, len(jobs), min(tasks, len(jobs)) + 1).round().astype(int)
+    pending = [remote.remote(out, jobs[a:b], d) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    try:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            yield ray.get(done[0])
+    finally:
+        for ref in pending:
+            ray.cancel(ref)
 
 
 # ------------------------------------------------------------------------------------------ shards source

@@ -2,33 +2,41 @@
 
 * local: brace pattern (``shards/data-{000000..000127}.tar``) and/or glob (``shards/*.tar``); ``file://`` prefix
   allowed; every pattern must match at least one file.
-* ``s3://`` -> ``pipe:aws s3 cp <url> -`` and ``gs://`` -> ``pipe:gsutil cat <url>`` (the streaming commands the
-  webdataset docs recommend; the CLI must be installed and authenticated where the loader runs).
+* ``s3://`` and ``gs://`` stay as they are: :func:`pipelines.data.loader.iter_shard` (and ``wds.gopen``, see
+  :func:`pipelines.storage.register_webdataset_schemes`) stream them through :mod:`pipelines.storage`, with no
+  CLI. A glob in the key (``s3://bucket/data/*.tar``) is expanded by listing the prefix before its first
+  wildcard.
 * ``http(s)://`` (webdataset streams them through curl) and ``pipe:`` commands are passed through.
 Brace patterns are expanded in every case; several specs may be joined with ``::`` (webdataset's convention).
 """
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import os
-import shlex
 
 import braceexpand
 
+from pipelines import storage
+
 REMOTE_PREFIXES = ("http://", "https://", "pipe:")
+storage.register_webdataset_schemes()  # wds.gopen("s3://...") streams through pipelines.storage too
 
 
 def is_remote(url: str) -> bool:
-    return url.startswith(REMOTE_PREFIXES) or url.startswith(("s3://", "gs://"))
+    return url.startswith(REMOTE_PREFIXES) or storage.is_object_uri(url)
 
 
-def _to_url(url: str) -> str:
-    if url.startswith("s3://"):
-        return f"pipe:aws s3 cp {shlex.quote(url)} -"
-    if url.startswith("gs://"):
-        return f"pipe:gsutil cat {shlex.quote(url)}"
-    return url
+def _expand_object_glob(url: str, field: str) -> list[str]:
+    """``s3://bucket/a/*.tar`` -> the matching object URIs, sorted (listing the prefix before the first wildcard)."""
+    cut = min(url.find(c) for c in "*?[" if c in url)
+    base = url[: url.rfind("/", 0, cut)]
+    matches = sorted(u for u in (storage.join(base, name) for name, _, _ in storage.list_files(base))
+                     if fnmatch.fnmatchcase(u, url))
+    if not matches:
+        raise ValueError(f"{field}: glob {url!r} matches no objects")
+    return matches
 
 
 def expand_shard_spec(spec: str, *, field: str = "data.path") -> list[str]:
@@ -38,8 +46,11 @@ def expand_shard_spec(spec: str, *, field: str = "data.path") -> list[str]:
     urls: list[str] = []
     for part in spec.split("::"):
         for item in braceexpand.braceexpand(part.strip()):
+            if storage.is_object_uri(item):
+                urls += _expand_object_glob(item, field) if glob.has_magic(item) else [item]
+                continue
             if is_remote(item):
-                urls.append(_to_url(item))
+                urls.append(item)
                 continue
             local = os.path.expanduser(item.removeprefix("file://"))
             if glob.has_magic(local):
