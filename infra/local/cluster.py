@@ -258,6 +258,9 @@ def node_env(state: State, ep: dict[str, str]) -> dict[str, str]:
         "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "MLFLOW_TRACKING_URI": ep["mlflow_url"],
+        # a bare ray.init() inside the cluster (Train's placement-group cleaner does one) joins this cluster
+        # even when other Ray clusters run on the machine
+        "RAY_ADDRESS": ep["gcs_address"],
         "AWS_ENDPOINT_URL": ep["s3_endpoint"],
         "AWS_ACCESS_KEY_ID": ep["aws_access_key_id"],
         "AWS_SECRET_ACCESS_KEY": ep["aws_secret_access_key"],

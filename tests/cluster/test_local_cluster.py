@@ -131,7 +131,7 @@ def test_resubmitted_job_skips_finished_stages(cluster, demo):
 
 def test_node_loss_resumes_from_the_s3_checkpoint(cluster, demo):
     """kill -9 the worker node's raylet after a checkpoint; the node comes back; the run ends at max_steps."""
-    steps = 200
+    steps = 80
     sets = [a for o in [*TINY, "train.run_name=tiny-loss", f"train.max_steps={steps}", "train.max_failures=2",
                         "train.sample_every=1000"] for a in ("--set", o)]
     job = subprocess.Popen([sys.executable, str(SCRIPT), "submit", "--config", "configs/cluster_local.yaml", *sets,
