@@ -165,6 +165,35 @@ def test_node_loss_resumes_from_the_s3_checkpoint(cluster, demo):
     assert max(logged) == steps
 
 
+def _submit_training(cluster, *overrides: str) -> subprocess.Popen:
+    sets = [a for o in [*TINY, *overrides] for a in ("--set", o)]
+    return subprocess.Popen([sys.executable, str(SCRIPT), "submit", "--config", "configs/cluster_local.yaml", *sets,
+                             "--until", "train"], env=cluster.env, cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def test_node_lost_for_good_fails_saying_so(cluster, demo):
+    """Without the worker node, the restarted worker group cannot start: the run fails within a bounded time
+    (train.resource_wait_s per attempt, max_failures + 1 attempts) naming the cause, instead of waiting forever."""
+    job = _submit_training(cluster, "train.run_name=tiny-gone", "train.max_steps=2000", "train.max_failures=1",
+                           "train.resource_wait_s=15", "train.sample_every=100000")
+    try:
+        deadline = time.time() + 600
+        while not cluster.keys("ray-results/tiny-gone/checkpoint_00000020/") and time.time() < deadline:
+            assert job.poll() is None, job.stdout.read()[-4000:]
+            time.sleep(0.3)
+        cluster.cli("kill-worker")
+        out, _ = job.communicate(timeout=600)  # bounded: a hang fails here
+    finally:
+        if job.poll() is None:
+            job.kill()
+        cluster.cli("worker-up")
+    assert job.returncode != 0
+    assert "lacks the resources for train.num_workers=2" in out and "train.resource_wait_s=15" in out, out[-4000:]
+    (run,) = _runs(cluster, "tiny-gone")
+    assert run["info"]["status"] == "FAILED"
+
+
 def test_cluster_down_leaves_no_process(cluster):
     state = cluster.state()
     ports = [int(u.rsplit(":", 1)[1]) for u in (cluster.ep["mlflow_url"], cluster.ep["s3_endpoint"],
