@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -58,6 +59,14 @@ class Cluster:
         """`ray job submit --working-dir .` of the DAG on configs/cluster_local.yaml + TINY + ``overrides``."""
         sets = [a for o in [*TINY, *overrides] for a in ("--set", o)]
         return self.cli("submit", "--config", "configs/cluster_local.yaml", *sets, timeout=timeout, check=False)
+
+    def job_logs(self, submit_output: str) -> str:
+        """The job's whole log (`ray job logs`): the output `ray job submit` streamed can miss its last lines."""
+        ids = re.findall(r"raysubmit_[A-Za-z0-9]+", submit_output)
+        assert ids, submit_output[-3000:]
+        argv = [str(Path(sys.executable).parent / "ray"), "job", "logs", "--address", self.ep["ray_address"], ids[-1]]
+        env = {**self.env, **self.ep["client_env"]}
+        return subprocess.run(argv, env=env, text=True, capture_output=True, timeout=120).stdout
 
     def state(self) -> dict:
         return json.loads((self.state_dir / "state.json").read_text())

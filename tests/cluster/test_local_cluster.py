@@ -76,7 +76,8 @@ def test_cluster_up_starts(cluster):
 def demo(cluster):
     """The tiny DAG, submitted once; its output and the node ids alive while it ran."""
     proc = cluster.submit()
-    return {"out": proc.stdout + proc.stderr, "rc": proc.returncode, "nodes": _alive_node_ids(cluster)}
+    out = proc.stdout + proc.stderr
+    return {"out": out + cluster.job_logs(out), "rc": proc.returncode, "nodes": _alive_node_ids(cluster)}
 
 
 def test_dag_runs_through_ray_job_submit(demo):
@@ -125,7 +126,8 @@ def test_resubmitted_job_skips_finished_stages(cluster, demo):
     proc = cluster.submit()
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
-    assert "skipped prepare_data, train, evaluate, promote" in out
+    out += cluster.job_logs(out)
+    assert "skipped prepare_data, train, evaluate, promote" in out, out[-4000:]
     assert len(_runs(cluster, "tiny")) == 1  # nothing re-trained, nothing duplicated
 
 
@@ -150,6 +152,7 @@ def test_node_loss_resumes_from_the_s3_checkpoint(cluster, demo):
         if job.poll() is None:
             job.kill()
     assert job.returncode == 0, out[-4000:]
+    out += cluster.job_logs(out)
     assert _alive_node_ids(cluster) != lost  # the worker came back as a new node
     resumed = [int(s) for s in re.findall(r"start_step=(\d+)/", out)]
     assert 0 in resumed and max(resumed) >= 20, out[-4000:]  # a second attempt started from an S3 checkpoint
@@ -189,6 +192,7 @@ def test_node_lost_for_good_fails_saying_so(cluster, demo):
             job.kill()
         cluster.cli("worker-up")
     assert job.returncode != 0
+    out += cluster.job_logs(out)
     assert "lacks the resources for train.num_workers=2" in out and "train.resource_wait_s=15" in out, out[-4000:]
     (run,) = _runs(cluster, "tiny-gone")
     assert run["info"]["status"] == "FAILED"
