@@ -9,7 +9,7 @@ S3 and GCS clients stream reads and writes without a CLI, a subprocess or anothe
 Configuration comes from the environment, as for every AWS/GCP SDK:
 
 * S3: ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` (an S3-compatible server such as MinIO or moto;
-  ``http://`` endpoints are plain HTTP), ``AWS_REGION`` / ``AWS_DEFAULT_REGION`` (default ``us-east-1``), and
+  ``http://`` endpoints are plain HTTP), ``AWS_REGION`` / ``AWS_DEFAULT_REGION`` (else the SDK's default), and
   credentials from the SDK's default chain (``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``, profile, IAM role).
   ``MLFLOW_S3_ENDPOINT_URL`` is MLflow's own setting for its artifact store and is left to MLflow.
 * GCS: application default credentials.
@@ -29,7 +29,6 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 from urllib.parse import urlparse
@@ -56,7 +55,10 @@ def check_object_uri(uri: str, *, field: str) -> str:
 
 def s3_options() -> dict[str, str]:
     """The S3 client settings taken from the environment (endpoint and region)."""
-    opts = {"region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"}
+    opts = {}
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        opts["region"] = region
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if endpoint:
         opts["endpoint_override"] = endpoint
@@ -133,14 +135,6 @@ def read_json(uri: str | Path, *, attempts: int = 4) -> Any:
 def exists(uri: str | Path) -> bool:
     fs, path = resolve(uri)
     return fs.get_file_info(path).type == pafs.FileType.File
-
-
-def size(uri: str | Path) -> int:
-    fs, path = resolve(uri)
-    info = fs.get_file_info(path)
-    if info.type != pafs.FileType.File:
-        raise FileNotFoundError(uri)
-    return int(info.size)
 
 
 def unique_suffix() -> str:
@@ -233,10 +227,6 @@ def register_webdataset_schemes() -> None:
         gopen.gopen_schemes[scheme] = _gopen_object
 
 
-def iter_chunks(stream: IO[bytes], chunk: int = 1 << 20) -> Iterator[bytes]:
-    while block := stream.read(chunk):
-        yield block
-
 
 # ------------------------------------------------------------------------------------------------ the lock
 class LockHeld(RuntimeError):
@@ -259,7 +249,7 @@ class StoreLock:
 
     def __init__(self, uri: str | Path, *, ttl_s: float = 60.0, what: str = "lock"):
         self.uri, self.ttl_s, self.what = str(uri), ttl_s, what
-        self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "since_unix": None}
+        self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "since_unix": None, "ttl_s": ttl_s}
         self._fd: int | None = None
         self._claim: str | None = None
         self._stop = None
@@ -326,7 +316,8 @@ class StoreLock:
             who = f"pid {owner.get('pid')} on {owner.get('host')} (for {age:.0f} s)"
         return (f"{self.what} {self.uri} is held by {who}; wait for it to finish. "
                 + ("A killed holder's lock is released by the OS." if not is_object_uri(self.uri) else
-                   f"A killed holder's claim expires {self.ttl_s:.0f} s after its last renewal."))
+                   f"A killed holder's claim expires {float((owner or {}).get('ttl_s') or self.ttl_s):.0f} s "
+                   "after its last renewal."))
 
     def acquire(self) -> StoreLock:
         """Take the lock or raise :class:`LockHeld` at once (never blocks)."""

@@ -332,9 +332,11 @@ def _run_parallel(out: str, jobs: list[ShardJob], d: DataConfig, tasks: int, *, 
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
             yield ray.get(done[0])
-    finally:
+    finally:  # on failure: stop the other writers and wait for them, so none writes after the cleanup
         for ref in pending:
             ray.cancel(ref)
+        if pending:
+            ray.wait(pending, num_returns=len(pending), timeout=60)
 
 
 # ------------------------------------------------------------------------------------------ shards source

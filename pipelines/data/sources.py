@@ -14,6 +14,7 @@ import pickle
 import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,11 @@ class SourceError(ValueError):
 
 @dataclass
 class Record:
-    """One input image: ``load()`` -> PIL image (any mode/size), ``label`` (-1 unlabelled), ``source_id``."""
+    """One input image: ``load()`` -> PIL image (any mode/size), ``label`` (-1 unlabelled), ``source_id``.
+
+    ``load`` is a ``functools.partial`` of a module-level function, so records pickle by reference (cheaply) when
+    prepare_data ships shard ranges to Ray tasks; a lambda or closure would be pickled by value, ~1 ms each.
+    """
 
     load: Callable[[], Image.Image]
     label: int
@@ -55,6 +60,18 @@ def fit_image(img: Image.Image, image_size: int, channels: int) -> Image.Image:
         left, top = (nw - image_size) // 2, (nh - image_size) // 2
         img = img.crop((left, top, left + image_size, top + image_size))
     return img.convert(mode) if img.mode != mode else img
+
+
+def _from_array(a: np.ndarray) -> Image.Image:
+    return Image.fromarray(a)
+
+
+def _open_image(p: Path) -> Image.Image:
+    try:
+        with Image.open(p) as im:
+            return im.copy()  # fully decoded, independent of the file handle
+    except Exception as e:  # noqa: BLE001 - re-raised with the file name
+        raise SourceError(f"cannot read image {p}: {type(e).__name__}: {e}") from e
 
 
 def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -108,8 +125,7 @@ class DigitsSource:
 
     def load(self) -> SourceData:
         records = [
-            Record(lambda a=self.images[i]: Image.fromarray(a), int(self.labels[i]),
-                   {"source": "digits", "index": i})
+            Record(partial(_from_array, self.images[i]), int(self.labels[i]), {"source": "digits", "index": i})
             for i in range(len(self.labels))
         ]
         return SourceData(self.class_names, _split_records(records, self.labels, self.test_fraction, self.seed))
@@ -159,18 +175,8 @@ class ImageFolderSource:
         return {"kind": self.kind, "root": str(self.root), "files": len(self.files), "listing_sha256": h.hexdigest()}
 
     def load(self) -> SourceData:
-        def opener(p: Path) -> Callable[[], Image.Image]:
-            def load() -> Image.Image:
-                try:
-                    with Image.open(p) as im:
-                        return im.copy()  # fully decoded, independent of the file handle
-                except Exception as e:  # noqa: BLE001 - re-raised with the file name
-                    raise SourceError(f"cannot read image {p}: {type(e).__name__}: {e}") from e
-
-            return load
-
         records = [
-            Record(opener(p), label, {"source": "image_folder", "file": p.relative_to(self.root).as_posix()})
+            Record(partial(_open_image, p), label, {"source": "image_folder", "file": p.relative_to(self.root).as_posix()})
             for p, label in self.files
         ]
         labels = np.array([label for _, label in self.files], dtype=np.int64)
@@ -252,8 +258,8 @@ class Cifar10Source:
                         raise SourceError(f"{self.path}: {name}: labels outside 0..{len(class_names) - 1}")
                     hwc = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
                     records += [
-                        Record(lambda a=hwc[j]: Image.fromarray(np.ascontiguousarray(a)),
-                               int(labels[j]), {"source": "cifar10", "batch": name, "index": j})
+                        Record(partial(_from_array, np.ascontiguousarray(hwc[j])), int(labels[j]),
+                               {"source": "cifar10", "batch": name, "index": j})
                         for j in range(len(labels))
                     ]
                 splits[split] = records
