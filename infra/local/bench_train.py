@@ -36,9 +36,12 @@ def _windows(client, run_name: str) -> list[float]:
     return [m.value for m in history[1:]]
 
 
+EXTRA: list[str] = []  # --set overrides for both runs
+
+
 def _sets(run_name: str, steps: int) -> list[str]:
     return [f"train.run_name={run_name}", f"train.max_steps={steps}", f"train.checkpoint_every={steps}",
-            "train.sample_every=1000000", "train.log_every=20"]
+            "train.sample_every=1000000", "train.log_every=20", *EXTRA]
 
 
 def run_cluster(steps: int) -> tuple[list[float], float]:
@@ -71,12 +74,20 @@ def run_local(steps: int) -> tuple[list[float], float]:
 
 @app.command()
 def main(steps: int = typer.Option(200, help="Optimizer steps per run."),
-         quick: bool = typer.Option(False, help="60 steps (checks the script works; numbers are noisy).")) -> None:
+         quick: bool = typer.Option(False, help="60 steps (checks the script works; numbers are noisy)."),
+         set_: list[str] = typer.Option([], "--set", help="Config overrides for both runs."),
+         only: str = typer.Option("both", help="both | cluster | local")) -> None:
     steps = 60 if quick else steps
+    EXTRA[:] = set_
+    if only != "both":
+        windows, wall = (run_cluster if only == "cluster" else run_local)(steps)
+        typer.echo(f"{only}: median {statistics.median(windows):.1f} img/s, windows {windows}, {wall:.0f} s, "
+                   f"load {os.getloadavg()}")
+        return
     load_before = os.getloadavg()
     cl, cl_wall = run_cluster(steps)
     lo, lo_wall = run_local(steps)
-    res = {"steps": steps, "cluster_images_per_sec": statistics.median(cl), "local_images_per_sec":
+    res = {"steps": steps, "overrides": set_, "cluster_images_per_sec": statistics.median(cl), "local_images_per_sec":
            statistics.median(lo), "cluster_windows": cl, "local_windows": lo, "cluster_wall_s": cl_wall,
            "local_wall_s": lo_wall, "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
     res["ratio"] = res["cluster_images_per_sec"] / res["local_images_per_sec"]
