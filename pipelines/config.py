@@ -188,6 +188,9 @@ class TrainConfig(_Section):
     max_failures: int = Field(2, ge=0, description="Worker-group restarts before the run fails.")
     max_nonfinite_steps: int = Field(20, ge=1, description="Consecutive non-finite losses that stop the run.")
     timeout_s: int = Field(600, ge=10, description="DDP collective timeout (gloo/NCCL).")
+    resource_wait_s: float = Field(
+        300.0, ge=10, description="How long a (re)started worker group waits for its resources (e.g. a lost node "
+        "coming back) before that attempt fails; after max_failures + 1 such attempts the run fails.")
     storage_path: str | None = Field(
         None, description="Ray Train checkpoint storage (s3://, gs://, shared FS); None: workspace/ray_results."
     )
