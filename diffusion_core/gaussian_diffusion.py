@@ -4,10 +4,15 @@ Conventions: t is a LongTensor [B] of step indices 0..T-1 (0 = last denoising st
 `model(x_t, t, **model_kwargs)` and returns C channels (eps, x0, x_{t-1} mean or v) or 2C with a learned variance
 (first C = mean part, last C = variance part).  All schedule buffers are float64 and cast to the input's dtype
 when extracted.
+
+Speed: the sampling loops know that every row sits at the same step, so they pass ``step_index`` and the
+per-step coefficients are read from cached 0-dim rows instead of being gathered per row; each product is the
+same float operation, so results equal the gathered path. Each step runs under ``torch.inference_mode``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -17,7 +22,7 @@ import torch
 from .losses import discretized_gaussian_log_likelihood, mean_flat, normal_kl
 from .rng import GeneratorLike, randn
 
-__all__ = ["ModelMeanType", "ModelVarType", "LossType", "GaussianDiffusion"]
+__all__ = ["ModelMeanType", "ModelVarType", "LossType", "GaussianDiffusion", "step_grad_mode", "plain_tensor"]
 
 _F64 = torch.float64
 
@@ -63,6 +68,20 @@ def _enum(cls, v):
 Model = Callable[..., torch.Tensor]
 
 
+def step_grad_mode(cond_fn: Callable | None = None):
+    """The grad mode of one sampling step: ``torch.inference_mode`` (no autograd bookkeeping at all), or
+    ``torch.no_grad`` when a classifier-guidance ``cond_fn`` needs to enable autograd inside the step."""
+    if cond_fn is not None:
+        return torch.no_grad()
+    return contextlib.nullcontext() if torch.is_inference_mode_enabled() else torch.inference_mode()
+
+
+def plain_tensor(x: torch.Tensor) -> torch.Tensor:
+    """x, or a normal copy of it if it is an inference tensor (those refuse in-place updates and autograd
+    outside inference mode); the final images of the sampling loops go through this once."""
+    return x.clone() if x.is_inference() else x
+
+
 class GaussianDiffusion:
     """Utilities for training and sampling a discrete Gaussian diffusion (Ho et al. 2020; Nichol & Dhariwal 2021).
 
@@ -91,7 +110,7 @@ class GaussianDiffusion:
             raise ValueError("betas must be a non-empty 1-D sequence with values in (0, 1]")
         self.betas = betas
         self.num_timesteps = int(betas.numel())
-        self._cache: dict[tuple[str, torch.device, torch.dtype], torch.Tensor] = {}
+        self._cache: dict[tuple, torch.Tensor | list[torch.Tensor]] = {}  # device copies, per-step rows
 
         alphas = 1.0 - betas
         ab = torch.cumprod(alphas, dim=0)
@@ -149,10 +168,11 @@ class GaussianDiffusion:
         hit = self._cache.get(key)
         if hit is None:
             arr = getattr(self, name)
-            if device.type == "mps":  # no float64 on MPS: cast on the CPU first
-                hit = arr.to(dtype=dtype).to(device)
-            else:
-                hit = arr.to(device=device).to(dtype)
+            with torch.inference_mode(False):  # a normal tensor even when first asked for inside a sampling step
+                if device.type == "mps":  # no float64 on MPS: cast on the CPU first
+                    hit = arr.to(dtype=dtype).to(device)
+                else:
+                    hit = arr.to(device=device).to(dtype)
             self._cache[key] = hit
         return hit
 
@@ -160,6 +180,34 @@ class GaussianDiffusion:
         """buffer[t] in x.dtype, shaped [B, 1, ..., 1] to broadcast against x."""
         out = torch.index_select(self._buffer(name, t.device, x.dtype), 0, t)
         return out.view(t.shape[0], *((1,) * (x.ndim - 1)))
+
+    def _std_buffer(self, logvar_name: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """exp(0.5 * log_variance) per step in dtype, each value computed by the vectorised elementwise kernel
+        (64 lanes per step), as p_sample's image-sized exp computes it (cached)."""
+        key = ("std:" + logvar_name, device, dtype)
+        hit = self._cache.get(key)
+        if hit is None:
+            lv = self._buffer(logvar_name, device, dtype)
+            with torch.inference_mode(False):
+                hit = self._cache[key] = torch.exp(0.5 * lv[:, None].expand(-1, 64))[:, 0].contiguous()
+        return hit
+
+    def _coef(self, name: str, t: torch.Tensor, x: torch.Tensor, step_index: int | None) -> torch.Tensor:
+        """The coefficient `name` at steps t, for broadcasting against x.
+
+        Without step_index: buffer[t] shaped [B, 1, ..., 1]. With step_index (every row at that step): the 0-dim
+        element buffer[step_index] in x.dtype on x.device, from a cached list of rows (no kernel, no host sync,
+        cheaper to dispatch than a Python scalar); x * it is the same float product as x * buffer[t]."""
+        if step_index is None:
+            return self._extract(name, t, x)
+        key = ("rows:" + name, x.device, x.dtype)
+        rows = self._cache.get(key)
+        if rows is None:
+            table = (self._std_buffer(name[4:], x.device, x.dtype) if name.startswith("std:")
+                     else self._buffer(name, x.device, x.dtype))
+            with torch.inference_mode(False):
+                rows = self._cache[key] = list(table.unbind(0))
+        return rows[step_index]
 
     def _check_t(self, x: torch.Tensor, t) -> torch.Tensor:
         if (isinstance(t, torch.Tensor) and t.dtype == torch.long and t.ndim == 1 and t.device == x.device
@@ -211,10 +259,11 @@ class GaussianDiffusion:
             + self._extract("sqrt_one_minus_alphas_cumprod", t, x_start) * noise
         )
 
-    def _posterior_mean(self, x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def _posterior_mean(self, x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
+                        step_index: int | None = None) -> torch.Tensor:
         # Ho et al. 2020, Eq. 7: coef1 x0 + coef2 x_t (t already validated)
-        return (self._extract("posterior_mean_coef1", t, x_t) * x_start
-                + self._extract("posterior_mean_coef2", t, x_t) * x_t)
+        return (self._coef("posterior_mean_coef1", t, x_t, step_index) * x_start
+                + self._coef("posterior_mean_coef2", t, x_t, step_index) * x_t)
 
     def q_posterior_mean_variance(self, x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
         """(mean, variance, clipped log-variance) of q(x_{t-1} | x_t, x_0)   (Ho et al. 2020, Eq. 6-7)."""
@@ -225,29 +274,32 @@ class GaussianDiffusion:
         return mean, variance, log_variance
 
     # ------------------------------------------------------------------ parameterisation conversions
-    def predict_xstart_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    def predict_xstart_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
+                                step_index: int | None = None) -> torch.Tensor:
         """x0 = x_t / sqrt(ab) - sqrt(1/ab - 1) eps   (inverse of Ho et al. 2020, Eq. 4)."""
         t = self._check_t(x_t, t)
         return (
-            self._extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t
-            - self._extract("sqrt_recipm1_alphas_cumprod", t, x_t) * eps
+            self._coef("sqrt_recip_alphas_cumprod", t, x_t, step_index) * x_t
+            - self._coef("sqrt_recipm1_alphas_cumprod", t, x_t, step_index) * eps
         )
 
-    def predict_eps_from_xstart(self, x_t: torch.Tensor, t: torch.Tensor, pred_xstart: torch.Tensor) -> torch.Tensor:
+    def predict_eps_from_xstart(self, x_t: torch.Tensor, t: torch.Tensor, pred_xstart: torch.Tensor,
+                                step_index: int | None = None) -> torch.Tensor:
         """eps = (x_t - sqrt(ab) x0) / sqrt(1 - ab)   (inverse of Ho et al. 2020, Eq. 4).
 
         Equal to guided-diffusion's (x_t / sqrt(ab) - x0) / sqrt(1/ab - 1), written so that it stays finite at
         alpha_bar = 0 (zero-terminal-SNR schedules, Lin et al. 2023)."""
         t = self._check_t(x_t, t)
-        return (x_t - self._extract("sqrt_alphas_cumprod", t, x_t) * pred_xstart) / self._extract(
-            "sqrt_one_minus_alphas_cumprod", t, x_t
+        return (x_t - self._coef("sqrt_alphas_cumprod", t, x_t, step_index) * pred_xstart) / self._coef(
+            "sqrt_one_minus_alphas_cumprod", t, x_t, step_index
         )
 
-    def predict_xstart_from_xprev(self, x_t: torch.Tensor, t: torch.Tensor, xprev: torch.Tensor) -> torch.Tensor:
+    def predict_xstart_from_xprev(self, x_t: torch.Tensor, t: torch.Tensor, xprev: torch.Tensor,
+                                  step_index: int | None = None) -> torch.Tensor:
         """x0 = (mu_{t-1} - coef2 x_t) / coef1, inverting the posterior mean   (Ho et al. 2020, Eq. 7)."""
         t = self._check_t(x_t, t)
-        return (xprev - self._extract("posterior_mean_coef2", t, x_t) * x_t) / self._extract(
-            "posterior_mean_coef1", t, x_t
+        return (xprev - self._coef("posterior_mean_coef2", t, x_t, step_index) * x_t) / self._coef(
+            "posterior_mean_coef1", t, x_t, step_index
         )
 
     def get_velocity(self, x_start: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -258,12 +310,13 @@ class GaussianDiffusion:
             - self._extract("sqrt_one_minus_alphas_cumprod", t, x_start) * x_start
         )
 
-    def predict_xstart_from_v(self, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def predict_xstart_from_v(self, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor,
+                              step_index: int | None = None) -> torch.Tensor:
         """x0 = sqrt(ab) x_t - sqrt(1 - ab) v   (Salimans & Ho 2022, App. D)."""
         t = self._check_t(x_t, t)
         return (
-            self._extract("sqrt_alphas_cumprod", t, x_t) * x_t
-            - self._extract("sqrt_one_minus_alphas_cumprod", t, x_t) * v
+            self._coef("sqrt_alphas_cumprod", t, x_t, step_index) * x_t
+            - self._coef("sqrt_one_minus_alphas_cumprod", t, x_t, step_index) * v
         )
 
     def predict_eps_from_v(self, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -298,17 +351,24 @@ class GaussianDiffusion:
         clip_denoised: bool = True,
         denoised_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
         model_kwargs: dict | None = None,
+        step_index: int | None = None,
     ) -> dict:
         """Apply the model to get p(x_{t-1} | x_t) and the implied x0.
 
         Returns dict(mean, variance, log_variance, pred_xstart, extra) where extra is the raw variance output of
         a learned-variance model (else None).  `denoised_fn` is applied to x0 before `clip_denoised` clamps it
         to [-1, 1]; the mean is the posterior mean given that x0 (Ho et al. 2020, Eq. 7).
+        `step_index`: the int every entry of t equals (the sampling loops pass it); coefficients then come from
+        per-step tables (same values), and a fixed variance / log-variance is returned as an unexpanded 0-dim
+        tensor.
         """
         model_kwargs = model_kwargs or {}
         t = self._check_t(x, t)
         B, C = x.shape[:2]
         model_output = model(x, t, **model_kwargs)
+        if step_index is not None and model_output.dtype != x.dtype:
+            # what the gathered x.dtype coefficients do implicitly (type promotion): compute in x.dtype
+            model_output = model_output.to(x.dtype)
         extra = None
 
         if self._learned_var():
@@ -323,8 +383,8 @@ class GaussianDiffusion:
                 model_log_variance = var_values
             else:
                 # Nichol & Dhariwal 2021, Eq. 15: log Sigma = v log beta + (1 - v) log beta_tilde, v = (out+1)/2
-                min_log = self._extract("posterior_log_variance_clipped", t, x)
-                max_log = self._extract("log_betas", t, x)
+                min_log = self._coef("posterior_log_variance_clipped", t, x, step_index)
+                max_log = self._coef("log_betas", t, x, step_index)
                 frac = (var_values + 1) / 2
                 model_log_variance = frac * max_log + (1 - frac) * min_log
             model_variance = torch.exp(model_log_variance)
@@ -338,8 +398,12 @@ class GaussianDiffusion:
                 var_buf, logvar_buf = "fixed_large_variance", "fixed_large_log_variance"
             else:
                 var_buf, logvar_buf = "posterior_variance", "posterior_log_variance_clipped"
-            model_variance = self._extract(var_buf, t, x).expand(x.shape)
-            model_log_variance = self._extract(logvar_buf, t, x).expand(x.shape)
+            if step_index is None:
+                model_variance = self._extract(var_buf, t, x).expand(x.shape)
+                model_log_variance = self._extract(logvar_buf, t, x).expand(x.shape)
+            else:
+                model_variance = self._coef(var_buf, t, x, step_index)
+                model_log_variance = self._coef(logvar_buf, t, x, step_index)
 
         def process_xstart(x0: torch.Tensor) -> torch.Tensor:
             if denoised_fn is not None:
@@ -348,16 +412,16 @@ class GaussianDiffusion:
 
         mt = self.model_mean_type
         if mt is ModelMeanType.PREVIOUS_X:
-            pred_xstart = process_xstart(self.predict_xstart_from_xprev(x, t, model_output))
+            pred_xstart = process_xstart(self.predict_xstart_from_xprev(x, t, model_output, step_index))
             model_mean = model_output
         else:
             if mt is ModelMeanType.START_X:
                 pred_xstart = process_xstart(model_output)
             elif mt is ModelMeanType.EPSILON:
-                pred_xstart = process_xstart(self.predict_xstart_from_eps(x, t, model_output))
+                pred_xstart = process_xstart(self.predict_xstart_from_eps(x, t, model_output, step_index))
             else:
-                pred_xstart = process_xstart(self.predict_xstart_from_v(x, t, model_output))
-            model_mean = self._posterior_mean(pred_xstart, x, t)
+                pred_xstart = process_xstart(self.predict_xstart_from_v(x, t, model_output, step_index))
+            model_mean = self._posterior_mean(pred_xstart, x, t, step_index)
 
         return {
             "mean": model_mean,
@@ -405,19 +469,32 @@ class GaussianDiffusion:
         model_kwargs: dict | None = None,
         noise: torch.Tensor | None = None,
         generator: GeneratorLike = None,
+        step_index: int | None = None,
     ) -> dict:
         """One ancestral step x_{t-1} = mu + sigma z, no noise at t=0 (Ho et al. 2020, Alg. 2).
 
-        Returns dict(sample, pred_xstart)."""
+        `step_index`: see p_mean_variance. Returns dict(sample, pred_xstart)."""
         t = self._check_t(x, t)
         out = self.p_mean_variance(model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
-                                   model_kwargs=model_kwargs)
+                                   model_kwargs=model_kwargs, step_index=step_index)
         if cond_fn is not None:
             out["mean"] = self.condition_mean(cond_fn, out, x, t, model_kwargs=model_kwargs)
-        z = self._noise(x, noise, generator)
-        nonzero_mask = (t != 0).to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
-        sample = out["mean"] + nonzero_mask * torch.exp(0.5 * out["log_variance"]) * z
+        z = self._noise(x, noise, generator)  # drawn at t=0 too: the generator advances as in the batched path
+        if step_index is None or out["log_variance"].ndim > 0:
+            nonzero_mask = (t != 0).to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+            sample = out["mean"] + nonzero_mask * torch.exp(0.5 * out["log_variance"]) * z
+        elif step_index == 0:
+            sample = out["mean"]  # mu + 0 * sigma z
+        else:
+            logvar_buf = ("fixed_large_log_variance" if self.model_var_type is ModelVarType.FIXED_LARGE
+                          else "posterior_log_variance_clipped")
+            # sigma_t z with sigma_t = exp(0.5 log sigma_t^2)   (Ho et al. 2020, Alg. 2, line 4)
+            sample = out["mean"] + self._coef("std:" + logvar_buf, t, x, step_index) * z
         return {"sample": sample, "pred_xstart": out["pred_xstart"]}
+
+    def _loop_timesteps(self, batch: int, device: torch.device) -> torch.Tensor:
+        """[T, batch] LongTensor whose row i is the step tensor t = i (one allocation per loop; rows are views)."""
+        return torch.arange(self.num_timesteps, device=device).repeat_interleave(batch).view(-1, batch)
 
     def _progress(self, indices: Sequence[int], progress: bool):
         if not progress:
@@ -454,7 +531,7 @@ class GaussianDiffusion:
             model_kwargs=model_kwargs, device=device, progress=progress, generator=generator,
         ):
             final = out
-        return final["sample"]
+        return plain_tensor(final["sample"])
 
     def p_sample_loop_progressive(
         self,
@@ -474,11 +551,11 @@ class GaussianDiffusion:
         With a generator, x_T is drawn first, then one noise tensor per step (rows from their own generators
         when a list is given)."""
         img = self._initial(model, shape, noise, device, generator)
+        ts = self._loop_timesteps(img.shape[0], img.device)
         for i in self._progress(list(range(self.num_timesteps))[::-1], progress):
-            t = torch.full((img.shape[0],), i, device=img.device, dtype=torch.long)
-            with torch.no_grad():
-                out = self.p_sample(model, img, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
-                                    cond_fn=cond_fn, model_kwargs=model_kwargs, generator=generator)
+            with step_grad_mode(cond_fn):
+                out = self.p_sample(model, img, ts[i], clip_denoised=clip_denoised, denoised_fn=denoised_fn,
+                                    cond_fn=cond_fn, model_kwargs=model_kwargs, generator=generator, step_index=i)
             out["t"] = i
             yield out
             img = out["sample"]
@@ -496,21 +573,23 @@ class GaussianDiffusion:
         eta: float = 0.0,
         noise: torch.Tensor | None = None,
         generator: GeneratorLike = None,
+        step_index: int | None = None,
     ) -> dict:
         """One DDIM step (Song et al. 2021, Eq. 12 with sigma_t(eta) from Eq. 16). Returns dict(sample, pred_xstart).
 
         eps is re-derived from the (clipped / guided) x0, so both stay consistent. No noise is drawn when eta == 0.
+        `step_index`: see p_mean_variance.
         """
         t = self._check_t(x, t)
         out = self.p_mean_variance(model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
-                                   model_kwargs=model_kwargs)
+                                   model_kwargs=model_kwargs, step_index=step_index)
         if cond_fn is not None:
             out = self.condition_score(cond_fn, out, x, t, model_kwargs=model_kwargs)
-        eps = self.predict_eps_from_xstart(x, t, out["pred_xstart"])
+        eps = self.predict_eps_from_xstart(x, t, out["pred_xstart"], step_index)
         if eta == 0 and noise is None:
             # Song et al. 2021, Eq. 12 with sigma = 0: sqrt(ab_prev) x0 + sqrt(1 - ab_prev) eps
-            sample = (out["pred_xstart"] * self._extract("sqrt_alphas_cumprod_prev", t, x)
-                      + self._extract("sqrt_one_minus_alphas_cumprod_prev", t, x) * eps)
+            sample = (out["pred_xstart"] * self._coef("sqrt_alphas_cumprod_prev", t, x, step_index)
+                      + self._coef("sqrt_one_minus_alphas_cumprod_prev", t, x, step_index) * eps)
             return {"sample": sample, "pred_xstart": out["pred_xstart"]}
         ab = self._extract("alphas_cumprod", t, x)
         ab_prev = self._extract("alphas_cumprod_prev", t, x)
@@ -590,7 +669,7 @@ class GaussianDiffusion:
             model_kwargs=model_kwargs, device=device, progress=progress, eta=eta, generator=generator,
         ):
             final = out
-        return final["sample"]
+        return plain_tensor(final["sample"])
 
     def ddim_sample_loop_progressive(
         self,
@@ -608,11 +687,12 @@ class GaussianDiffusion:
     ) -> Iterator[dict]:
         """Yield ddim_sample's dict (plus "t") for every step T-1 .. 0."""
         img = self._initial(model, shape, noise, device, generator)
+        ts = self._loop_timesteps(img.shape[0], img.device)
         for i in self._progress(list(range(self.num_timesteps))[::-1], progress):
-            t = torch.full((img.shape[0],), i, device=img.device, dtype=torch.long)
-            with torch.no_grad():
-                out = self.ddim_sample(model, img, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
-                                       cond_fn=cond_fn, model_kwargs=model_kwargs, eta=eta, generator=generator)
+            with step_grad_mode(cond_fn):
+                out = self.ddim_sample(model, img, ts[i], clip_denoised=clip_denoised, denoised_fn=denoised_fn,
+                                       cond_fn=cond_fn, model_kwargs=model_kwargs, eta=eta, generator=generator,
+                                       step_index=i)
             out["t"] = i
             yield out
             img = out["sample"]

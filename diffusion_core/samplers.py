@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
-from .gaussian_diffusion import GaussianDiffusion
+from .gaussian_diffusion import GaussianDiffusion, plain_tensor, step_grad_mode
 from .respace import SpacedDiffusion, base_diffusion, space_timesteps
 from .rng import GeneratorLike
 from .schedules import karras_sigmas
@@ -148,22 +148,22 @@ def dpm_solver_sample_progressive(
         from tqdm.auto import tqdm
 
         order = tqdm(order)
+    ts = torch.tensor(idx, device=x.device).repeat_interleave(x.shape[0]).view(len(idx), -1)
     for i in order:
-        t = torch.full((x.shape[0],), idx[i], device=x.device, dtype=torch.long)
-        with torch.no_grad():
-            d = base.p_mean_variance(model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
-                                     model_kwargs=model_kwargs)["pred_xstart"]
-        if i == len(idx) - 1:
-            x = d  # final first-order step to sigma = 0: x = D
-        else:
-            h = lam[i + 1] - lam[i]
-            if prev_d is None or (lower_order_final and i == len(idx) - 2):
-                dd = d  # first order: DPM-Solver++(1) = DDIM (Lu et al. 2022b, Eq. 9)
+        with step_grad_mode():
+            d = base.p_mean_variance(model, x, ts[i], clip_denoised=clip_denoised, denoised_fn=denoised_fn,
+                                     model_kwargs=model_kwargs, step_index=idx[i])["pred_xstart"]
+            if i == len(idx) - 1:
+                x = d  # final first-order step to sigma = 0: x = D
             else:
-                r = prev_h / h
-                dd = (1 + 1 / (2 * r)) * d - (1 / (2 * r)) * prev_d  # Lu et al. 2022b, Alg. 2
-            x = (sigma[i + 1] / sigma[i]) * x - (alpha[i + 1] * math.expm1(-h)) * dd
-            prev_d, prev_h = d, h
+                h = lam[i + 1] - lam[i]
+                if prev_d is None or (lower_order_final and i == len(idx) - 2):
+                    dd = d  # first order: DPM-Solver++(1) = DDIM (Lu et al. 2022b, Eq. 9)
+                else:
+                    r = prev_h / h
+                    dd = (1 + 1 / (2 * r)) * d - (1 / (2 * r)) * prev_d  # Lu et al. 2022b, Alg. 2
+                x = (sigma[i + 1] / sigma[i]) * x - (alpha[i + 1] * math.expm1(-h)) * dd
+                prev_d, prev_h = d, h
         yield {"sample": x, "pred_xstart": d, "t": idx[i]}
 
 
@@ -172,7 +172,7 @@ def dpm_solver_sample(diffusion: GaussianDiffusion, model: Callable, shape: Sequ
     final = None
     for out in dpm_solver_sample_progressive(diffusion, model, shape, **kwargs):
         final = out
-    return final["sample"]
+    return plain_tensor(final["sample"])
 
 
 # ---------------------------------------------------------------------------------------------- shared interface
@@ -199,6 +199,8 @@ def sample_progressive(
     sampler: "ddpm" (ancestral), "ddim" (eta = 0 deterministic, eta = 1 ancestral-like) or "dpm_solver"
     (DPM-Solver++(2M); eta, cond_fn unsupported). steps: number of model evaluations, respaced from the base
     schedule (None: run `diffusion` as given). The final sample is x0 (in [-1, 1] when clip_denoised).
+    Each step runs under ``torch.inference_mode`` (``no_grad`` with a cond_fn): the yielded tensors are inference
+    tensors, read-only outside inference mode (``.clone()`` one to modify it in place).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; valid: {', '.join(SAMPLERS)}")
@@ -250,12 +252,15 @@ def sample(
     cond_fn: Callable | None = None,
     dpm_spacing: str = "time_quadratic",
 ) -> torch.Tensor:
-    """Final x0 of `sample_progressive` (same arguments)."""
+    """Final x0 of `sample_progressive` (same arguments), as a normal (not inference) tensor.
+
+    Without a cond_fn the whole loop runs under one ``torch.inference_mode``."""
     final = None
-    for out in sample_progressive(
-        diffusion, model, shape, sampler=sampler, steps=steps, eta=eta, noise=noise, generator=generator,
-        model_kwargs=model_kwargs, clip_denoised=clip_denoised, device=device, progress=progress,
-        denoised_fn=denoised_fn, cond_fn=cond_fn, dpm_spacing=dpm_spacing,
-    ):
-        final = out
-    return final["sample"]
+    with step_grad_mode(cond_fn):
+        for out in sample_progressive(
+            diffusion, model, shape, sampler=sampler, steps=steps, eta=eta, noise=noise, generator=generator,
+            model_kwargs=model_kwargs, clip_denoised=clip_denoised, device=device, progress=progress,
+            denoised_fn=denoised_fn, cond_fn=cond_fn, dpm_spacing=dpm_spacing,
+        ):
+            final = out
+    return plain_tensor(final["sample"])

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel
 
+from diffusion_core.models import compile_unet, fast_defaults
 from pipelines.config import ConfigError, PipelineConfig, dump_yaml
 from pipelines.data import DataResult, check_shard_count, make_loader, split_shards
 from pipelines.images import NORMALISATION
@@ -174,7 +175,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     after_step = faults.arm(unet, rank=rank, start_step=start_step, resumed=resumed is not None)
 
     # Wrap the network for DDP.
-    model = torch.compile(unet) if tc.compile else unet
+    model = compile_unet(unet) if tc.compile else unet  # inductor; state_dict keys stay unprefixed
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False})
 
     # Open this rank's data stream.
@@ -198,6 +199,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         monitor = start_system_metrics(run_id, enabled=tc.system_metrics, interval_s=tc.system_metrics_interval_s,
                                        tracking_uri=config["tracking_uri"])
         client.log_param(run_id, f"threads_per_worker_rank0_attempt{start_step}", threads)
+        for k, v in fast_defaults(device).items():  # the per-device speed choices, as MLflow params
+            client.log_param(run_id, f"fast.{k}", v)
         print(f"[train] world_size={world} device={device} threads/worker={threads} amp={use_amp} "
               f"compile={tc.compile} start_step={start_step}/{tc.max_steps}", flush=True)
     node_ids = gather_node_ids()  # [storage/cluster] a collective: every rank reports its Ray node
@@ -405,6 +408,9 @@ def run_training(cfg: PipelineConfig, data: DataResult, *, faults: FaultInjectio
         cfg.workspace.ray_results.mkdir(parents=True, exist_ok=True)
         storage = str(cfg.workspace.ray_results)
     storage, storage_fs = train_storage(storage)  # [storage] s3:// / gs:// through pipelines.storage's filesystem
+    # [cluster] a worker group that cannot get its resources (a node lost for good) gives up after resource_wait_s,
+    # max_failures + 1 times at most, instead of waiting forever (Train V2 reads this from the driver's env)
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(cfg.train.resource_wait_s)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "data": data.model_dump(mode="json"), "mlflow_run_id": run_id,
@@ -414,7 +420,8 @@ def run_training(cfg: PipelineConfig, data: DataResult, *, faults: FaultInjectio
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo", timeout_s=cfg.train.timeout_s),
         run_config=ray.train.RunConfig(
             name=cfg.train.run_name, storage_path=storage, storage_filesystem=storage_fs,
-            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures,
+                                                   controller_failure_limit=cfg.train.max_failures),  # [cluster]
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.num_to_keep),
         ),
     )
@@ -427,7 +434,11 @@ def run_training(cfg: PipelineConfig, data: DataResult, *, faults: FaultInjectio
         result = trainer.fit()
     except Exception as e:  # Ray wraps worker errors; keep the MLflow run honest and re-raise with context
         client.set_terminated(run_id, status="FAILED")
-        raise RuntimeError(f"training run '{cfg.train.run_name}' failed: {e}") from e
+        msg = str(e)
+        if "worker group startup timed out" in msg:  # [cluster]
+            msg = (f"the cluster lacks the resources for train.num_workers={cfg.train.num_workers} workers (a node "
+                   f"lost and not back within train.resource_wait_s={cfg.train.resource_wait_s:g} s): {msg}")
+        raise RuntimeError(f"training run '{cfg.train.run_name}' failed: {msg}") from e
     if result.checkpoint is None:
         client.set_terminated(run_id, status="FAILED")
         raise RuntimeError(f"training run '{cfg.train.run_name}' produced no checkpoint")

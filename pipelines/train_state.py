@@ -142,8 +142,13 @@ def _lr_lambda(warmup: int) -> Callable[[int], float]:
 
 
 def make_optimizer(params, train_cfg) -> torch.optim.Optimizer:
-    """AdamW with the configured rate and decay."""
-    return torch.optim.AdamW(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+    """AdamW with the configured rate and decay; fused (or foreach) where torch has it for the device."""
+    from diffusion_core.models import optimizer_kwargs
+
+    params = list(params)
+    device = params[0].device if params else torch.device("cpu")
+    return torch.optim.AdamW(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay,
+                             **optimizer_kwargs(device))
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Noise-prediction networks: the DDPM / ADM UNet and its diffusers weight import."""
+"""Noise-prediction networks: the DDPM / ADM UNet, its diffusers weight import, and the speed options."""
 
 from .diffusers_convert import (
     DDPM_CIFAR10_DIFFUSERS_CONFIG,
@@ -7,17 +7,31 @@ from .diffusers_convert import (
     unet_config_from_diffusers,
 )
 from .embeddings import SinusoidalTimestepEmbedding, timestep_embedding
+from .fast import (
+    CPU_WARMUP_BATCH_SIZES,
+    CompiledUNet,
+    compile_unet,
+    fast_defaults,
+    is_compiled,
+    optimizer_kwargs,
+)
 from .unet import AttentionBlock, GroupNorm32, ResBlock, UNet
 
 __all__ = [
+    "CPU_WARMUP_BATCH_SIZES",
     "DDPM_CIFAR10_DIFFUSERS_CONFIG",
     "AttentionBlock",
+    "CompiledUNet",
     "GroupNorm32",
     "ResBlock",
     "SinusoidalTimestepEmbedding",
     "UNet",
+    "compile_unet",
     "convert_diffusers_state_dict",
+    "fast_defaults",
+    "is_compiled",
     "load_diffusers_unet2d",
+    "optimizer_kwargs",
     "timestep_embedding",
     "unet_config_from_diffusers",
 ]

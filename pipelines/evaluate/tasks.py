@@ -143,6 +143,10 @@ def sampler_task(model: dict, ref: dict | None, spec_json: dict, ev_json: dict, 
     spec = SamplerSpec.model_validate(spec_json)
     device = _device(ev)
     sampler = _build_sampler(model, device)
+    if ev.compile:  # evaluate.compile: compiled before the timer starts, warm-up at the batch sizes used
+        from diffusion_core.models import CPU_WARMUP_BATCH_SIZES, compile_unet
+
+        sampler.unet = compile_unet(sampler.unet, warmup_batch_sizes=CPU_WARMUP_BATCH_SIZES)
     labels = sampler.labels_for(num_samples, None)
     gen = torch.Generator().manual_seed(ev.seed)
     chunks = []

@@ -155,10 +155,11 @@ def test_gradient_checkpointing_same_grads() -> None:
 
 
 def test_channels_last_matches_contiguous() -> None:
-    model = randomize_(UNet(**{**TINY, "num_classes": 2})).eval()
-    cl = UNet(**{**TINY, "num_classes": 2, "channels_last": True}).eval()
+    model = randomize_(UNet(**{**TINY, "num_classes": 2, "channels_last": False})).eval()
+    assert model.conv_in.weight.is_contiguous()
+    cl = UNet(**{**TINY, "num_classes": 2}).eval()  # channels_last is the default
     cl.load_state_dict(model.state_dict())
-    assert cl.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert cl.config["channels_last"] and cl.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     x, t, y = torch.randn(2, 3, 8, 8), torch.tensor([1, 900]), torch.tensor([0, 1])
     torch.testing.assert_close(cl(x, t, y), model(x, t, y), atol=1e-5, rtol=1e-5)
 

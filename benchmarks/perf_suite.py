@@ -1,0 +1,420 @@
+"""Everything in issue 14's table, measured side by side in one process: ours vs diffusers with the same weights.
+
+Each side runs as a user gets it by default, and the two are timed in interleaved rounds (A B A B ...) so machine
+load drifts hit both alike; medians are reported, every round is kept in the JSON with the load average.
+
+1. Training step, ddpm-cifar10-32 config (35.7M parameters, dropout 0.1), batch 8 and 16: forward + MSE
+   backward + AdamW step. ``ours`` = our UNet's defaults (channels_last) + ``optimizer_kwargs`` (fused AdamW);
+   ``ours_plain_opt`` = the same model with a default AdamW (the model's share of the gain); ``diffusers`` =
+   ``UNet2DModel`` as shipped + default AdamW; ``diffusers_best`` = channels_last + fused AdamW (its best eager
+   option). With ``--compile`` also ``ours_compiled`` / ``diffusers_compiled`` (each best option + compile).
+   Inference forward (eval, inference_mode) at the largest batch, for the FLOP rate.
+2. Sampling with a small DDPM UNet (same weights both sides, same x_T and generator): DDIM-20 and DDPM (evenly
+   spaced steps, fed to diffusers as custom timesteps) against diffusers' own scheduler loop
+   (``for t in scheduler.timesteps: scheduler.step(unet(x, t).sample, t, x)``), batch 1 and 16; the images are
+   compared (max |difference|).
+3. Sampler overhead per step with a zero model (returns zeros), batch 1: DDPM-1000 and DDIM-50, ours vs
+   diffusers' loop; (loop - bare model calls) / steps, wall and process CPU time.
+4. FLOP rate: a 2048^2 fp32 matmul measured in the same run; training and inference GFLOP/s as its fraction.
+5. Compiled vs eager (``--compile``): our training step and inference forward, compiled / eager.
+
+    python benchmarks/perf_suite.py                   # full (the lead's quiet-machine run), ~15-30 min on 2 cores
+    python benchmarks/perf_suite.py --quick           # minutes: batch 2, 2 rounds, fewer steps
+    python benchmarks/perf_suite.py --compile         # adds the compiled rows (inductor; compile not timed)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "16384")  # many variants: keep oneDNN kernels cached
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from unet_throughput import count_flops  # noqa: E402
+
+from diffusion_core import GaussianDiffusion, get_named_beta_schedule, sample  # noqa: E402
+from diffusion_core.models import (  # noqa: E402
+    CPU_WARMUP_BATCH_SIZES,
+    DDPM_CIFAR10_DIFFUSERS_CONFIG,
+    compile_unet,
+    fast_defaults,
+    load_diffusers_unet2d,
+    optimizer_kwargs,
+)
+from diffusion_core.samplers import respaced  # noqa: E402
+
+DDPM_CIFAR10 = {**DDPM_CIFAR10_DIFFUSERS_CONFIG, "dropout": 0.1}  # Ho et al. train with dropout 0.1
+# A small DDPM-style UNet for the sampling rows (the loop's share of the time is what differs there).
+SMALL_SAMPLING = {
+    "sample_size": 32, "in_channels": 3, "out_channels": 3, "block_out_channels": (32, 64, 64),
+    "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), "layers_per_block": 1,
+    "norm_num_groups": 16, "attention_head_dim": None, "norm_eps": 1e-6, "downsample_padding": 0,
+    "flip_sin_to_cos": False, "freq_shift": 1,
+}
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def _median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+CLOCK: Callable[[], float] = time.perf_counter  # --clock cpu: time.process_time (all threads' CPU seconds)
+
+
+def interleaved(fns: dict[str, Callable[[], Any]], rounds: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds (CLOCK) of each fn per round, the fns taking turns within every round (warm-up rounds untimed)."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    out: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            t0 = CLOCK()
+            fn()
+            out[k].append(CLOCK() - t0)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- 1. training
+def _train_step(model: torch.nn.Module, diff: bool, opt: torch.optim.Optimizer, batch: int) -> Callable[[], None]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, 32, 32, generator=g)
+    t = torch.randint(0, 1000, (batch,), generator=g)
+    target = torch.randn(batch, 3, 32, 32, generator=g)
+
+    def step() -> None:
+        model.train()
+        out = model(x, t)
+        loss = F.mse_loss(out.sample if diff else out, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def _infer_step(model: torch.nn.Module, diff: bool, batch: int) -> Callable[[], None]:
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.randn(batch, 3, 32, 32, generator=g), torch.randint(0, 1000, (batch,), generator=g)
+
+    def step() -> None:
+        model.eval()
+        with torch.inference_mode():
+            model(x, t)
+
+    return step
+
+
+def training_section(args: argparse.Namespace, reference: Any) -> dict[str, Any]:
+    from diffusers import UNet2DModel
+
+    def diffusers_model(channels_last: bool) -> torch.nn.Module:
+        m = UNet2DModel(**DDPM_CIFAR10)
+        m.load_state_dict(reference.state_dict())
+        return m.to(memory_format=torch.channels_last) if channels_last else m
+
+    def ours_model() -> torch.nn.Module:
+        return load_diffusers_unet2d(reference.state_dict(), reference.config, dropout=0.1)
+
+    fast_opt = optimizer_kwargs("cpu")
+    specs: dict[str, tuple[Callable[[], torch.nn.Module], bool, dict, bool]] = {
+        # name: (model factory, is_diffusers, optimizer kwargs, compiled)
+        "ours": (ours_model, False, fast_opt, False),
+        "ours_plain_opt": (ours_model, False, {}, False),
+        "diffusers": (lambda: diffusers_model(False), True, {}, False),
+        "diffusers_best": (lambda: diffusers_model(True), True, fast_opt, False),
+    }
+    if args.compile:
+        specs["ours_compiled"] = (ours_model, False, fast_opt, True)
+        specs["diffusers_compiled"] = (lambda: diffusers_model(True), True, fast_opt, True)
+    fwd_flops, train_flops = count_flops(ours_model())
+    rows: list[dict[str, Any]] = []
+    for batch in args.train_batches:
+        steps: dict[str, Callable[[], None]] = {}
+        infer: dict[str, Callable[[], None]] = {}
+        for name, (make, diff, okw, comp) in specs.items():
+            model = make()
+            run_model = (compile_unet(model) if not diff else torch.compile(model)) if comp else model
+            steps[name] = _train_step(run_model, diff, torch.optim.AdamW(model.parameters(), lr=1e-4, **okw), batch)
+            if batch == max(args.train_batches):
+                infer[name] = _infer_step(run_model, diff, batch)
+        print(f"[train] batch {batch}: {', '.join(steps)} ({args.rounds} interleaved rounds)", flush=True)
+        timed = interleaved(steps, args.rounds, warmup=2 if args.compile else 1)
+        for name, secs in timed.items():
+            rows.append({"mode": "train", "variant": name, "batch": batch, "images_per_s": batch / _median(secs),
+                         "seconds_all_rounds": secs})
+        if infer:
+            print(f"[infer] batch {batch}", flush=True)
+            timed = interleaved(infer, args.rounds, warmup=2 if args.compile else 1)
+            for name, secs in timed.items():
+                rows.append({"mode": "infer", "variant": name, "batch": batch,
+                             "images_per_s": batch / _median(secs), "seconds_all_rounds": secs})
+    for r in rows:
+        r["gflop_per_s"] = r["images_per_s"] * (train_flops if r["mode"] == "train" else fwd_flops) / 1e9
+    return {"rows": rows, "fwd_gflop_per_image": fwd_flops / 1e9, "train_gflop_per_image": train_flops / 1e9}
+
+
+# ---------------------------------------------------------------------------------------------- 2. sampling
+def _diffusion() -> GaussianDiffusion:
+    return GaussianDiffusion(betas=get_named_beta_schedule("linear", 1000), model_mean_type="epsilon",
+                             model_var_type="fixed_small", loss_type="mse")
+
+
+def _diffusers_loop(unet: Callable, scheduler: Any, noise: torch.Tensor, ddim: bool, seed: int) -> torch.Tensor:
+    """diffusers' own sampling loop, as its DDPM/DDIM pipelines run it (no_grad; the pipelines' scaling aside)."""
+    g = torch.Generator().manual_seed(seed)
+    x = noise.clone()
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            eps = unet(x, t)
+            eps = eps.sample if hasattr(eps, "sample") else eps
+            if ddim:  # guided-diffusion's DDIM re-derives eps from the clipped x0
+                x = scheduler.step(eps, t, x, eta=0.0, use_clipped_model_output=True).prev_sample
+            else:
+                x = scheduler.step(eps, t, x, generator=g).prev_sample
+    return x
+
+
+def _schedulers(d_ours: GaussianDiffusion, sampler: str, steps: int):
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    spaced = respaced(d_ours, sampler, steps)
+    timesteps = [int(s) for s in getattr(spaced, "timestep_map", torch.arange(1000)).tolist()][::-1]
+    if sampler == "ddim":
+        sch = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=True)
+        sch.set_timesteps(steps)
+        assert [int(t) for t in sch.timesteps] == timesteps, "DDIM timesteps differ"
+    else:
+        sch = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=True)
+        sch.set_timesteps(timesteps=timesteps)
+    return sch
+
+
+def sampling_section(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    theirs = UNet2DModel(**SMALL_SAMPLING).eval()
+    with torch.no_grad():  # non-trivial outputs: the zero-initialised layers get random weights
+        for p in theirs.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    ours = load_diffusers_unet2d(theirs.state_dict(), theirs.config).eval()
+    d = _diffusion()
+    rows = []
+    for sampler, steps in (("ddim", 20), ("ddpm", args.ddpm_steps)):
+        for batch in (1, 16):
+            noise = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(batch))
+            sch = _schedulers(d, sampler, steps)
+            res: dict[str, torch.Tensor] = {}
+
+            def run_ours(res=res, noise=noise, sampler=sampler, steps=steps) -> None:
+                res["ours"] = sample(d, ours, noise.shape, sampler=sampler, steps=steps, noise=noise,
+                                     generator=torch.Generator().manual_seed(7))
+
+            def run_theirs(res=res, noise=noise, sch=sch, sampler=sampler) -> None:
+                res["diffusers"] = _diffusers_loop(theirs, sch, noise, sampler == "ddim", seed=7)
+
+            print(f"[sample] {sampler}-{steps} batch {batch}", flush=True)
+            timed = interleaved({"ours": run_ours, "diffusers": run_theirs}, args.sample_rounds)
+            ips = {k: batch / _median(v) for k, v in timed.items()}
+            rows.append({"sampler": sampler, "steps": steps, "batch": batch, "ours_images_per_s": ips["ours"],
+                         "diffusers_images_per_s": ips["diffusers"], "ratio": ips["ours"] / ips["diffusers"],
+                         "max_abs_image_diff": float((res["ours"] - res["diffusers"]).abs().max()),
+                         "seconds_all_rounds": timed})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- 3. overhead
+def _zero(x: torch.Tensor, t: Any, **_kw: Any) -> torch.Tensor:
+    """The trivial model: predicts eps = 0."""
+    return torch.zeros_like(x)
+
+
+def _overhead_row(d: GaussianDiffusion, sampler: str, steps: int, rounds: int) -> dict[str, Any]:
+    """(loop - the same number of bare model calls) / steps, ours vs diffusers' loop, wall and CPU time."""
+    shape = (1, 3, 32, 32)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    sch = _schedulers(d, sampler, steps)
+    cpu: dict[str, list[float]] = {"ours": [], "diffusers": [], "bare": []}
+
+    def timed_cpu(key: str, fn: Callable[[], Any]) -> Callable[[], None]:
+        def run() -> None:
+            c0 = time.process_time()
+            fn()
+            cpu[key].append(time.process_time() - c0)
+        return run
+
+    def bare() -> None:
+        t = torch.zeros(1, dtype=torch.long)
+        for _ in range(steps):
+            _zero(noise, t)
+
+    fns = {
+        "ours": timed_cpu("ours", lambda: sample(d, _zero, shape, sampler=sampler, steps=steps, noise=noise,
+                                                 generator=torch.Generator().manual_seed(1))),
+        "diffusers": timed_cpu("diffusers", lambda: _diffusers_loop(_zero, sch, noise, sampler == "ddim", 1)),
+        "bare": timed_cpu("bare", bare),
+    }
+    print(f"[overhead] {sampler}-{steps} batch 1", flush=True)
+    wall = interleaved(fns, rounds)
+    cpu = {k: v[-len(wall[k]):] for k, v in cpu.items()}  # drop the warm-up round
+    model_s, model_cpu = _median(wall["bare"]), _median(cpu["bare"])
+    row: dict[str, Any] = {"sampler": sampler, "steps": steps, "batch": 1}
+    for k in ("ours", "diffusers"):
+        row[f"{k}_us_per_step"] = (_median(wall[k]) - model_s) / steps * 1e6
+        row[f"{k}_cpu_us_per_step"] = (_median(cpu[k]) - model_cpu) / steps * 1e6
+    row["seconds_all_rounds"] = wall
+    return row
+
+
+def overhead_section(args: argparse.Namespace) -> list[dict[str, Any]]:
+    d = _diffusion()
+    return [_overhead_row(d, sampler, steps, args.sample_rounds + 2)
+            for sampler, steps in (("ddpm", args.overhead_ddpm_steps), ("ddim", 50))]
+
+
+# ---------------------------------------------------------------------------------------------- 4. matmul
+def matmul_gflops(n: int = 2048, rounds: int = 5) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    secs = interleaved({"mm": lambda: a @ b}, rounds)["mm"]
+    return 2 * n**3 / _median(secs) / 1e9
+
+
+# ---------------------------------------------------------------------------------------------- report
+def _pick(rows: list[dict], **kw: Any) -> dict | None:
+    for r in rows:
+        if all(r.get(k) == v for k, v in kw.items()):
+            return r
+    return None
+
+
+def summary(train: dict[str, Any], sampling: list[dict], overhead: list[dict], mm: float,
+            batches: list[int]) -> list[dict[str, Any]]:
+    """The issue's table: one row per target with our value, the reference value and the ratio."""
+    rows = train["rows"]
+    out: list[dict[str, Any]] = []
+
+    def ratio(name: str, a: dict | None, b: dict | None, target: float | None, key: str = "images_per_s") -> None:
+        if a and b:
+            out.append({"what": name, "ours": a[key], "reference": b[key], "ratio": a[key] / b[key],
+                        "target": target})
+
+    for b in batches:
+        ours = _pick(rows, mode="train", variant="ours", batch=b)
+        ratio(f"train step b{b}: ours default vs diffusers as shipped", ours,
+              _pick(rows, mode="train", variant="diffusers", batch=b), 1.2)
+        ratio(f"train step b{b}: ours default vs diffusers best eager (cl + fused)", ours,
+              _pick(rows, mode="train", variant="diffusers_best", batch=b), 1.05)
+        ratio(f"train step b{b}: ours model only (same default AdamW) vs diffusers as shipped",
+              _pick(rows, mode="train", variant="ours_plain_opt", batch=b),
+              _pick(rows, mode="train", variant="diffusers", batch=b), None)
+        ratio(f"train step b{b}: ours compiled vs diffusers compiled",
+              _pick(rows, mode="train", variant="ours_compiled", batch=b),
+              _pick(rows, mode="train", variant="diffusers_compiled", batch=b), 1.05)
+        ratio(f"train step b{b}: ours compiled vs ours eager", _pick(rows, mode="train", variant="ours_compiled", batch=b),
+              ours, 1.15)
+    bmax = max(batches)
+    ratio(f"inference b{bmax}: ours vs diffusers as shipped", _pick(rows, mode="infer", variant="ours", batch=bmax),
+          _pick(rows, mode="infer", variant="diffusers", batch=bmax), None)
+    ratio(f"inference b{bmax}: ours compiled vs ours eager", _pick(rows, mode="infer", variant="ours_compiled",
+          batch=bmax), _pick(rows, mode="infer", variant="ours", batch=bmax), None)
+    for s in sampling:
+        out.append({"what": f"{s['sampler']}-{s['steps']} sampling b{s['batch']} vs diffusers loop "
+                    f"(max |img diff| {s['max_abs_image_diff']:.1e})", "ours": s["ours_images_per_s"],
+                    "reference": s["diffusers_images_per_s"], "ratio": s["ratio"], "target": 1.2})
+    for o in overhead:
+        out.append({"what": f"overhead/step {o['sampler']}-{o['steps']} b1, zero model [us] (cpu: ours "
+                    f"{o['ours_cpu_us_per_step']:.0f}, diffusers {o['diffusers_cpu_us_per_step']:.0f})",
+                    "ours": o["ours_us_per_step"], "reference": o["diffusers_us_per_step"],
+                    "ratio": o["diffusers_us_per_step"] / o["ours_us_per_step"], "target": None})
+    for mode, target in (("train", 0.7), ("infer", 0.8)):
+        for variant in ("ours", "ours_compiled"):
+            r = _pick(rows, mode=mode, variant=variant, batch=bmax)
+            if r:
+                out.append({"what": f"{mode} b{bmax} {variant} GFLOP/s vs {2048}^2 matmul GFLOP/s",
+                            "ours": r["gflop_per_s"], "reference": mm, "ratio": r["gflop_per_s"] / mm,
+                            "target": target})
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="batch 2, 2 rounds, DDPM-10, overhead DDPM-100")
+    p.add_argument("--compile", action="store_true", help="add the compiled rows (slow to compile on CPU)")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds of the training rows")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
+    p.add_argument("--sections", default="train,sample,overhead", help="subset of train,sample,overhead")
+    p.add_argument("--train-batches", default=None, help="comma-separated training batch sizes (default 8,16)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="cpu: process CPU time, steadier than wall time on an oversubscribed machine (use --threads 1)")
+    p.add_argument("--out", type=Path, default=RESULTS / "perf_suite_cpu.json")
+    args = p.parse_args(argv)
+    args.train_batches = [int(b) for b in args.train_batches.split(",")] if args.train_batches \
+        else ([2] if args.quick else [8, 16])
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
+    args.rounds = args.rounds or (2 if args.quick else 5)
+    args.sample_rounds = 2 if args.quick else 5
+    args.ddpm_steps = 10 if args.quick else 100
+    args.overhead_ddpm_steps = 100 if args.quick else 1000
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sections = {s.strip() for s in args.sections.split(",")}
+    from diffusers import UNet2DModel
+    from diffusers import __version__ as diffusers_version
+
+    load_before = os.getloadavg()
+    mm = matmul_gflops(rounds=args.rounds)
+    torch.manual_seed(0)
+    reference = UNet2DModel(**DDPM_CIFAR10)
+    train = training_section(args, reference) if "train" in sections else {"rows": []}
+    sampling = sampling_section(args) if "sample" in sections else []
+    overhead = overhead_section(args) if "overhead" in sections else []
+    mm_after = matmul_gflops(rounds=args.rounds)
+    table = summary(train, sampling, overhead, statistics.mean([mm, mm_after]), args.train_batches) if train["rows"] \
+        else summary({"rows": []}, sampling, overhead, mm, [0])
+
+    print(f"\nperf suite: torch {torch.__version__}, diffusers {diffusers_version}, threads "
+          f"{torch.get_num_threads()}, loadavg before {load_before[0]:.2f} after {os.getloadavg()[0]:.2f}, "
+          f"matmul {mm:.0f}/{mm_after:.0f} GFLOP/s")
+    print(f"{'what':<92s} {'ours':>10s} {'ref':>10s} {'ratio':>7s} {'target':>7s}")
+    for r in table:
+        tgt = f"{r['target']:.2f}" if r["target"] is not None else "-"
+        print(f"{r['what']:<92s} {r['ours']:10.2f} {r['reference']:10.2f} {r['ratio']:7.3f} {tgt:>7s}")
+    report = {
+        "benchmark": "perf_suite (issue 14)",
+        "command": " ".join(["perf_suite.py", *(argv if argv is not None else sys.argv[1:])]),
+        "quick": args.quick, "compile": args.compile, "rounds": args.rounds, "clock": args.clock,
+        "torch": torch.__version__, "diffusers": diffusers_version, "python": platform.python_version(),
+        "platform": platform.platform(), "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
+        "fast_defaults": fast_defaults("cpu"), "cpu_warmup_batch_sizes": list(CPU_WARMUP_BATCH_SIZES),
+        "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
+        "matmul_2048_gflop_per_s": [mm, mm_after],
+        "note": "medians of interleaved rounds; on a shared machine wall times are noisy (see loadavg)",
+        "summary": table, "training": train, "sampling": sampling, "overhead": overhead,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    print(f"wrote {args.out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

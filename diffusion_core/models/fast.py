@@ -1,0 +1,139 @@
+"""Speed choices in one place: per-device defaults, the optimizer implementation, and ``torch.compile``.
+
+``fast_defaults(device)`` is the single function that decides what depends on the device; it returns a flat dict
+of str / bool values that a pipeline can log as-is (MLflow params, ``/v1/model``). Numbers behind each choice
+come from ``benchmarks/perf_suite.py`` (CPU) and ``benchmarks/gpu_suite.sh`` (GPU).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["fast_defaults", "optimizer_kwargs", "compile_unet", "CompiledUNet", "is_compiled",
+           "CPU_WARMUP_BATCH_SIZES"]
+
+# One sample per graph a CPU run can need (see CompiledUNet): dynamo's size-1 specialisation, and both sides
+# of oneDNN's batch-16 convolution heuristic.
+CPU_WARMUP_BATCH_SIZES: tuple[int, ...] = (1, 2, 16)
+
+
+def _fused_adam_supported(device: torch.device) -> bool:
+    # torch >= 2.4 has fused Adam/AdamW kernels for CPU and CUDA (one kernel over all parameters).
+    return device.type in ("cpu", "cuda")
+
+
+def fast_defaults(device: torch.device | str | None = None) -> dict[str, Any]:
+    """The measured-fastest choices for ``device`` (default: CUDA if present, else CPU), as a loggable dict.
+
+    - ``channels_last``: NHWC weights and activations (oneDNN on CPU, cuDNN tensor-core convs on CUDA).
+    - ``attention``: ``F.scaled_dot_product_attention`` (flash / memory-efficient kernels where available).
+    - ``optimizer``: ``fused`` Adam(W) where torch has the kernel, else ``foreach``.
+    - ``sampling_grad_mode``: samplers run each step under ``torch.inference_mode``.
+    - ``compile_backend`` / ``compile_dynamic_batch``: what ``compile_unet`` does when compilation is asked for.
+    - ``tf32_matmul``: TF32 for fp32 matmuls/convs on CUDA (Ampere and later); no effect on CPU.
+    """
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return {
+        "device_type": dev.type,
+        "channels_last": True,
+        "attention": "sdpa",
+        "optimizer": "fused" if _fused_adam_supported(dev) else "foreach",
+        "sampling_grad_mode": "inference_mode",
+        "compile_backend": "inductor",
+        "compile_dynamic_batch": True,
+        "tf32_matmul": dev.type == "cuda",
+    }
+
+
+def optimizer_kwargs(device: torch.device | str | None = None) -> dict[str, bool]:
+    """Keyword arguments for ``torch.optim.Adam`` / ``AdamW`` picking the implementation of ``fast_defaults``.
+
+    ``fused=True`` updates every parameter in one kernel (same Adam math, Kingma & Ba 2015 Alg. 1; results agree
+    with the per-tensor loop to float rounding)."""
+    impl = fast_defaults(device)["optimizer"]
+    return {"fused": True} if impl == "fused" else {"foreach": True}
+
+
+class CompiledUNet(nn.Module):
+    """A ``torch.compile``'d UNet that behaves like the original for everything but speed.
+
+    The batch dimension of ``x`` / ``t`` / ``y`` is marked dynamic before each call, so one graph serves a whole
+    range of batch sizes: dynamo specialises size 1, and on CPU the convolution backend changes at batch 16
+    (oneDNN's heuristic), so ``CPU_WARMUP_BATCH_SIZES`` = (1, 2, 16) builds every graph a CPU run needs. Under
+    ``torch.inference_mode`` the inputs are made inference tensors (a cheap copy when they are not), because
+    dynamo guards on the dispatch keys that tell the two kinds apart and the samplers mix them (the noise
+    x_T is a normal tensor, later x_t are inference tensors). Parameters are the original module's;
+    ``state_dict`` / ``load_state_dict`` use the original's keys (no ``_orig_mod.`` prefix), and other
+    attributes (``config``, ``num_classes``, ...) are read from the original.
+    """
+
+    def __init__(self, unet: nn.Module, **compile_kwargs: Any) -> None:
+        super().__init__()
+        self.unet = unet
+        # Not registered as a submodule: its parameters are the original's.
+        object.__setattr__(self, "_compiled", torch.compile(unet, **compile_kwargs))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        if not torch.is_tensor(t):
+            t = torch.tensor([t], device=x.device).expand(x.shape[0])
+        args = [a for a in (x, t, y) if a is not None]
+        if torch.is_inference_mode_enabled():
+            args = [a if a.is_inference() else a.clone() for a in args]
+        for a in args:
+            if a.ndim > 0 and a.shape[0] > 1:
+                torch._dynamo.maybe_mark_dynamic(a, 0)
+        return self._compiled(*args)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("unet"), name)
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
+        return self.unet.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):  # type: ignore[override]
+        return self.unet.load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+def compile_unet(
+    unet: nn.Module,
+    *,
+    mode: str | None = None,
+    fullgraph: bool = False,
+    warmup_batch_sizes: Iterable[int] = (),
+    device: torch.device | str | None = None,
+) -> CompiledUNet:
+    """``torch.compile`` (inductor on CPU and CUDA) with a dynamic batch dimension; see :class:`CompiledUNet`.
+
+    ``warmup_batch_sizes``: run one inference-mode forward per size now (eval mode, restored afterwards), so
+    compilation is not counted in the first real call; ``CPU_WARMUP_BATCH_SIZES`` builds every graph that
+    sampling at any batch size needs on CPU.
+    """
+    compiled = CompiledUNet(unet, backend="inductor", mode=mode, fullgraph=fullgraph)
+    sizes = list(warmup_batch_sizes)
+    if sizes:
+        cfg = getattr(unet, "config", {})
+        channels, size = int(cfg.get("in_channels", 3)), int(cfg.get("image_size", 32))
+        p = next(unet.parameters())
+        dev = torch.device(device) if device is not None else p.device
+        was_training = unet.training
+        unet.eval()
+        with torch.inference_mode():  # the grad mode the samplers run in (dynamo guards on it)
+            for b in sizes:
+                x = torch.zeros(b, channels, size, size, device=dev)
+                t = torch.zeros(b, dtype=torch.long, device=dev)
+                y = None if cfg.get("num_classes") is None else torch.zeros(b, dtype=torch.long, device=dev)
+                compiled(x, t, y)
+        unet.train(was_training)
+    return compiled
+
+
+def is_compiled(module: Any) -> bool:
+    """True for a :class:`CompiledUNet` or a ``torch.compile`` OptimizedModule."""
+    return isinstance(module, CompiledUNet) or hasattr(module, "_orig_mod")

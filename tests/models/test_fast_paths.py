@@ -1,0 +1,135 @@
+"""Each fast path against the plain one: compiled vs eager, fused vs per-tensor optimizer, the per-device choices,
+and the fast defaults reaching diffusers imports. No timings here (benchmarks/perf_suite.py measures speed)."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from diffusion_core import GaussianDiffusion, get_named_beta_schedule, sample
+from diffusion_core.models import (
+    CPU_WARMUP_BATCH_SIZES,
+    CompiledUNet,
+    UNet,
+    compile_unet,
+    fast_defaults,
+    is_compiled,
+    load_diffusers_unet2d,
+    optimizer_kwargs,
+)
+
+from .test_unet import TINY, randomize_
+
+
+def test_fast_defaults_is_a_flat_loggable_dict_per_device() -> None:
+    for dev in ("cpu", "cuda", "mps"):
+        d = fast_defaults(dev)
+        assert d["device_type"] == dev and all(isinstance(v, (str, bool)) for v in d.values())
+        assert d["channels_last"] is True and d["attention"] == "sdpa"
+    assert fast_defaults("cpu")["optimizer"] == "fused" and optimizer_kwargs("cpu") == {"fused": True}
+    assert optimizer_kwargs("mps") == {"foreach": True}
+    assert fast_defaults("cuda")["tf32_matmul"] and not fast_defaults("cpu")["tf32_matmul"]
+
+
+def test_unet_and_diffusers_import_default_to_channels_last() -> None:
+    diffusers = pytest.importorskip("diffusers")
+    ours = UNet(**TINY)
+    assert ours.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    theirs = diffusers.UNet2DModel(sample_size=8, block_out_channels=(32, 32), layers_per_block=1,
+                                   down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                                   up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=8,
+                                   norm_num_groups=8)
+    loaded = load_diffusers_unet2d(theirs.state_dict(), theirs.config)
+    assert loaded.config["channels_last"] and loaded.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    # the loaded weights are unchanged by the layout (state_dict values equal the diffusers ones)
+    assert torch.equal(loaded.conv_in.weight, theirs.conv_in.weight)
+
+
+def _adamw_steps(model: UNet, kwargs: dict, steps: int = 3) -> dict[str, torch.Tensor]:
+    """AdamW steps fed the same gradient sequence (the first is the model's real gradient, then fixed draws),
+    so the comparison is about the optimizer kernels, not chaotic training dynamics."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01, **kwargs)
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 1000, (4,), generator=g)
+    model(x, t).square().mean().backward()
+    for p in model.parameters():  # autograd keeps each gradient in its parameter's layout (channels_last too)
+        assert p.grad.stride() == p.stride()
+    for _ in range(steps):
+        opt.step()
+        for p in model.parameters():
+            # same layout as the parameter, as autograd makes it: torch's fused CPU AdamW (2.13) pairs
+            # parameter and gradient by storage order, and silently mixes elements up if their strides differ
+            p.grad = torch.empty_like(p).copy_(torch.randn(p.shape, generator=g) * 1e-3)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_fused_adamw_matches_the_per_tensor_loop() -> None:
+    ref = randomize_(UNet(**TINY))
+    start = {k: v.clone() for k, v in ref.state_dict().items()}
+    fused = copy.deepcopy(ref)
+    a = _adamw_steps(ref, {"foreach": False})
+    b = _adamw_steps(fused, optimizer_kwargs("cpu"))
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=1e-5, msg=k)
+    assert max(float((a[k] - start[k]).abs().max()) for k in a) > 1e-3  # the parameters did move
+
+
+@pytest.fixture(scope="module")
+def compiled_pair():
+    torch._dynamo.reset()
+    eager = randomize_(UNet(**{**TINY, "num_classes": 3})).eval()
+    comp = compile_unet(copy.deepcopy(eager), warmup_batch_sizes=CPU_WARMUP_BATCH_SIZES)
+    return eager, comp
+
+
+@pytest.mark.slow
+def test_compiled_forward_matches_eager_without_recompiles(compiled_pair) -> None:
+    from torch._dynamo.utils import counters
+
+    eager, comp = compiled_pair
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 1  # the warm-up compiled
+    g = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        for b in (3, 5, 1, 7, 2, 17, 32):  # new batch sizes: the warmed-up graphs serve them all
+            x, t, y = torch.randn(b, 3, 8, 8, generator=g), torch.randint(0, 1000, (b,), generator=g), torch.arange(b) % 3
+            torch.testing.assert_close(comp(x, t, y), eager(x, t, y), atol=1e-4, rtol=1e-4)
+    assert counters["stats"]["unique_graphs"] == graphs, "a new batch size recompiled"
+    assert isinstance(comp, CompiledUNet) and is_compiled(comp) and not is_compiled(eager)
+    assert list(comp.state_dict()) == list(eager.state_dict())  # no _orig_mod. prefix
+    assert comp.config == eager.config and comp.num_classes == 3
+
+
+@pytest.mark.slow
+def test_compiled_and_eager_samples_agree(compiled_pair) -> None:
+    from torch._dynamo.utils import counters
+
+    eager, comp = compiled_pair
+    d = GaussianDiffusion(betas=get_named_beta_schedule("linear", 1000), model_mean_type="epsilon",
+                          model_var_type="fixed_small", loss_type="mse")
+    graphs = counters["stats"]["unique_graphs"]
+    kw = dict(sampler="ddim", steps=10, model_kwargs={"y": torch.tensor([0, 1, 2, 0])},
+              noise=torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1)))
+    a = sample(d, eager, (4, 3, 8, 8), **kw)
+    b = sample(d, comp, (4, 3, 8, 8), **kw)
+    torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+    assert counters["stats"]["unique_graphs"] == graphs, "sampling steps recompiled"
+
+
+@pytest.mark.slow
+def test_compiled_training_step_matches_eager() -> None:
+    torch._dynamo.reset()
+    eager = randomize_(UNet(**TINY))
+    comp = compile_unet(copy.deepcopy(eager))
+    g = torch.Generator().manual_seed(0)
+    grads = []
+    for m in (eager, comp):
+        m.train()
+        m.zero_grad(set_to_none=True)
+        x, t = torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 1000, (4,), generator=g)
+        F.mse_loss(m(x, t), torch.zeros_like(x)).backward()
+        grads.append({n: p.grad.clone() for n, p in (m.unet if m is comp else m).named_parameters()})
+        g = torch.Generator().manual_seed(0)
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-5, rtol=1e-4, msg=n)
