@@ -204,13 +204,11 @@ def test_full_evaluation_report_table_bpd_fid(gate_setup, tiny_data):
     full = tiny_config(cfg.workspace.root, f"registry.model_name={cfg.registry.model_name}",
                        "evaluate.bpd_subset=8")
     # raw (non-EMA) weights from a training checkpoint directory: here simply another model's weights
-    from safetensors.torch import save_file
-
-    from pipelines.model_io import load_model
+    from pipelines.model_io import load_model, save_weights
 
     ckpt = cfg.workspace.root / "raw-ckpt"
     ckpt.mkdir(exist_ok=True)
-    save_file(load_model(reg["first"].uri).unet.state_dict(), str(ckpt / "model.safetensors"))
+    save_weights(load_model(reg["first"].uri).unet.state_dict(), ckpt / "model.safetensors")
     ev = evaluate(full, reg["better"].uri, tiny_data, run_id=reg["better"].run_id, raw_weights=ckpt,
                   fid_extractor=TinyInceptionShaped)
     m = ev.metrics
