@@ -15,7 +15,7 @@ def _files() -> list[Path]:
     out = []
     for p in ROOT.rglob("*"):
         rel = p.relative_to(ROOT)
-        if p.is_file() and not SKIP_DIRS & set(rel.parts) and p.suffix in TEXT_SUFFIXES and p.stat().st_size < 10**6:
+        if p.is_file() and not SKIP_DIRS & set(rel.parts) and not any(s.endswith(".egg-info") for s in rel.parts) and p.suffix in TEXT_SUFFIXES and p.stat().st_size < 10**6:
             out.append(p)
     return out
 
