@@ -14,8 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -185,14 +183,10 @@ def classifier_cache_key(fingerprint: str, *, steps: int, image_size: int, chann
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a unique temporary file in the same directory and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Write ``data`` to ``path`` atomically (``pipelines.storage.write_bytes``: unique temp name + ``os.replace``)."""
+    from pipelines.storage import write_bytes
+
+    write_bytes(path, data)
 
 
 def load_or_train_classifier(cache_dir: Path, fingerprint: str, images: torch.Tensor | None,
