@@ -351,9 +351,9 @@ def _node_common(state: State, node: str) -> list[str]:
             "--disable-usage-stats", *_node_ports(state, node)]
 
 
-# Ray's gRPC servers (GCS, raylets, workers) follow the node's address, and `ray start` / `ray.init` turn
-# 127.0.0.1 into the machine's outward address (ray._private.services.resolve_ip_for_localhost), so they cannot be
-# kept on loopback; token auth guards them. The dashboard / job API and the Serve proxy listen on 127.0.0.1 only.
+# Ray 2.60's gRPC servers (GCS, raylets) listen on all interfaces (0.0.0.0 is fixed in its gRPC server; no setting
+# changes it), and `ray start` advertises the machine's address for 127.0.0.1
+# (ray._private.services.resolve_ip_for_localhost), so they cannot be kept on loopback; token auth guards them. The dashboard / job API and the Serve proxy listen on 127.0.0.1 only.
 RAY_START = [str(BIN / "ray")]
 
 
