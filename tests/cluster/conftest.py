@@ -7,6 +7,7 @@ it talks to the cluster only through `ray job submit`, HTTP (Ray state API, MLfl
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -23,6 +24,10 @@ import pytest
 
 ROOT = Path(__file__).parents[2]
 SCRIPT = ROOT / "infra" / "local" / "cluster.py"
+_spec = importlib.util.spec_from_file_location("local_cluster", SCRIPT)
+local_cluster = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(local_cluster)
+session_pids = local_cluster.session_pids  # every live process of a component's session
 
 # configs/cluster_local.yaml shrunk to seconds: 8x8 digits, a tiny UNet, 40 steps, 20 evaluation samples
 TINY = [

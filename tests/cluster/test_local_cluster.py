@@ -18,25 +18,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.cluster.conftest import ROOT, SCRIPT, TINY
+from tests.cluster.conftest import ROOT, SCRIPT, TINY, session_pids
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(1500)]
 
 ENDPOINT_KEYS = {"ray_address", "client_env", "mlflow_url", "s3_endpoint", "bucket", "aws_access_key_id",
                  "aws_secret_access_key", "serve_url"}
-
-
-def _session_pids(sid: int) -> list[int]:
-    out = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[3]) == sid and fields[0] != "Z":
-                out.append(int(d.name))
-    return out
 
 
 def _runs(cluster, run_name: str) -> list[dict]:
@@ -207,7 +194,7 @@ def test_cluster_down_leaves_no_process(cluster):
     ports.append(state["ports"]["postgres"])
     cluster.cli("down", timeout=300)
     for name, comp in state["components"].items():
-        assert _session_pids(comp["pid"]) == [], name
+        assert session_pids(comp["pid"]) == [], name
     for port in ports:
         with socket.socket() as s:
             assert s.connect_ex(("127.0.0.1", port)) != 0, port
