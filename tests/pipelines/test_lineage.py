@@ -10,19 +10,14 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from pipelines.config import load_config
 from pipelines.data import DataResult
+from tests.pipelines.conftest import sqlite_mlflow
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    from pipelines.tracking import setup_mlflow
-
     root = tmp_path_factory.mktemp("lineage")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        cfg = load_config(None, [f"workspace.root={root}"])
-        exp = setup_mlflow(cfg)
+    with sqlite_mlflow(root) as (cfg, exp):
         yield cfg, exp, root
 
 

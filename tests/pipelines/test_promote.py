@@ -12,19 +12,14 @@ import mlflow
 import pytest
 
 from pipelines.config import ConfigError, load_config
+from tests.pipelines.conftest import sqlite_mlflow
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     """One SQLite registry for the module (creating one costs seconds)."""
-    from pipelines.tracking import setup_mlflow
-
     root = tmp_path_factory.mktemp("gate")
-    with pytest.MonkeyPatch.context() as mp:
-        # mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI, which the config prefers to the workspace's SQLite
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        cfg = load_config(None, [f"workspace.root={root}"])
-        setup_mlflow(cfg)
+    with sqlite_mlflow(root) as (cfg, _):
         yield cfg, root
 
 
