@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["ClassifierFreeGuidance", "classifier_cond_fn", "dynamic_threshold", "make_dynamic_threshold"]
+__all__ = ["ClassifierFreeGuidance", "class_labels", "classifier_cond_fn", "conditioned_model", "dynamic_threshold",
+           "make_dynamic_threshold"]
 
 
 class ClassifierFreeGuidance(nn.Module):
@@ -42,6 +44,37 @@ class ClassifierFreeGuidance(nn.Module):
         # Ho & Salimans 2022, Eq. 6 written as uncond + s (cond - uncond)
         guided = uncond[:, :e] + s * (cond[:, :e] - uncond[:, :e])
         return torch.cat([guided, cond[:, e:]], dim=1)
+
+
+def class_labels(num_samples: int, num_classes: int, given: Sequence[int] | None = None) -> torch.Tensor | None:
+    """Labels [num_samples] for a model of ``num_classes`` classes (0: unconditional, returns None): ``given`` with
+    1 entry (broadcast) or ``num_samples`` entries, each in [0, num_classes); else 0, 1, .., K-1 cycled."""
+    if num_classes == 0:
+        if given:
+            raise ValueError("class labels given but the model is unconditional")
+        return None
+    if given is None:
+        return torch.arange(num_samples) % num_classes
+    if len(given) not in (1, num_samples):
+        raise ValueError(f"class labels must have 1 or num_samples={num_samples} entries, got {len(given)}")
+    bad = [c for c in given if not 0 <= int(c) < num_classes]
+    if bad:
+        raise ValueError(f"class labels must lie in [0, {num_classes - 1}], got {bad}")
+    labels = torch.tensor([int(c) for c in given], dtype=torch.long)
+    return labels.expand(num_samples).clone() if len(given) == 1 else labels
+
+
+def conditioned_model(model: Callable, labels: torch.Tensor | None, guidance_scale: float, null_label: int,
+                      eps_channels: int | None = None) -> tuple[Callable, dict[str, Any]]:
+    """(model to call, model_kwargs) for a sampling loop: ``model`` with ``y=labels``, wrapped in
+    :class:`ClassifierFreeGuidance` when ``guidance_scale != 1``; unconditional (labels None) only with scale 1."""
+    if labels is None:
+        if guidance_scale != 1.0:
+            raise ValueError(f"guidance_scale={guidance_scale:g} needs a class-conditional model (this one is not)")
+        return model, {}
+    if guidance_scale == 1.0:
+        return model, {"y": labels}
+    return ClassifierFreeGuidance(model, guidance_scale, null_label=null_label, eps_channels=eps_channels), {"y": labels}
 
 
 def classifier_cond_fn(classifier: Callable, scale: float = 1.0) -> Callable:

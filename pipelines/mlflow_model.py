@@ -29,7 +29,7 @@ from mlflow.types import ColSpec, DataType, Schema
 from mlflow.types.schema import Array
 from safetensors.torch import load_file, save_file
 
-from diffusion_core.guidance import ClassifierFreeGuidance
+from diffusion_core import guidance
 from diffusion_core.models import UNet
 from diffusion_core.samplers import sample as core_sample
 from pipelines.model_format import CONFIG, FORMAT_VERSION, WEIGHTS, diffusion_from_fields, read_card
@@ -89,18 +89,10 @@ class PyfuncSampler:
                guidance_scale: float = 1.0, class_label: int | None = None) -> torch.Tensor:
         """One request: labels ``class_label`` for all rows, or 0..K-1 cycled; noise from one generator seeded
         ``seed`` shared by the rows in order (as ``pipelines.model_io.DiffusionSampler.sample(seed=...)``)."""
-        model, kwargs = self.unet, {}
-        if self.num_classes:
-            if class_label is not None and not 0 <= class_label < self.num_classes:
-                raise ValueError(f"class_label must lie in [0, {self.num_classes - 1}], got {class_label}")
-            y = (torch.full((num_samples,), class_label) if class_label is not None
-                 else torch.arange(num_samples) % self.num_classes)
-            kwargs = {"y": y.to(self.device)}
-            if guidance_scale != 1.0:
-                model = ClassifierFreeGuidance(self.unet, guidance_scale, null_label=self.num_classes,
-                                               eps_channels=self.shape[0])
-        elif class_label is not None or guidance_scale != 1.0:
-            raise ValueError("the model is unconditional: class_label must be empty and guidance_scale 1")
+        labels = guidance.class_labels(num_samples, self.num_classes, None if class_label is None else [class_label])
+        model, kwargs = guidance.conditioned_model(self.unet, None if labels is None else labels.to(self.device),
+                                                   guidance_scale, null_label=self.num_classes,
+                                                   eps_channels=self.shape[0])
         g = torch.Generator().manual_seed(int(seed))
         return core_sample(self.diffusion, model, (num_samples, *self.shape), sampler=sampler, steps=steps,
                            eta=eta, generator=[g] * num_samples, model_kwargs=kwargs, device=self.device)

@@ -24,8 +24,7 @@ import mlflow
 import torch
 from safetensors.torch import load_file, save_file
 
-from diffusion_core import GaussianDiffusion, ScheduleSampler, create_named_schedule_sampler
-from diffusion_core.guidance import ClassifierFreeGuidance
+from diffusion_core import GaussianDiffusion, ScheduleSampler, create_named_schedule_sampler, guidance
 from diffusion_core.models import UNet
 from diffusion_core.samplers import sample as core_sample
 from diffusion_core.samplers import sample_progressive as core_sample_progressive
@@ -156,30 +155,7 @@ class DiffusionSampler:
 
     def labels_for(self, num_samples: int, class_labels: list[int] | None) -> torch.Tensor | None:
         """Labels for a batch: the given ones (one, broadcast, or one per image), else 0,1,..,K-1 cycled."""
-        k = self.num_classes
-        if k == 0:
-            if class_labels:
-                raise ValueError("class_labels given but the model is unconditional")
-            return None
-        if class_labels is None:
-            return torch.arange(num_samples) % k
-        if len(class_labels) not in (1, num_samples):
-            raise ValueError(f"class_labels must have 1 or num_samples={num_samples} entries, got {len(class_labels)}")
-        bad = [c for c in class_labels if not 0 <= int(c) < k]
-        if bad:
-            raise ValueError(f"class_labels must lie in [0, {k - 1}], got {bad}")
-        labels = torch.tensor([int(c) for c in class_labels], dtype=torch.long)
-        return labels.expand(num_samples).clone() if len(class_labels) == 1 else labels
-
-    def _model_and_kwargs(self, labels: torch.Tensor | None, guidance_scale: float):
-        if labels is None:
-            return self.unet, {}
-        y = labels.to(self.device)
-        if guidance_scale == 1.0:
-            return self.unet, {"y": y}
-        guided = ClassifierFreeGuidance(self.unet, guidance_scale, null_label=self.num_classes,
-                                        eps_channels=self.channels)
-        return guided, {"y": y}
+        return guidance.class_labels(num_samples, self.num_classes, class_labels)
 
     def _args(self, num_samples, class_labels, guidance_scale, generator, seed):
         if generator is None and seed is not None:
@@ -188,7 +164,9 @@ class DiffusionSampler:
             g = torch.Generator().manual_seed(int(seed))
             generator = [g] * num_samples
         labels = self.labels_for(num_samples, class_labels)
-        model, kwargs = self._model_and_kwargs(labels, guidance_scale)
+        model, kwargs = guidance.conditioned_model(self.unet, None if labels is None else labels.to(self.device),
+                                                   guidance_scale, null_label=self.num_classes,
+                                                   eps_channels=self.channels)
         shape = (num_samples, self.channels, self.image_size, self.image_size)
         return model, kwargs, shape, generator
 

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from diffusion_core import ClassifierFreeGuidance, GaussianDiffusion, classifier_cond_fn, dynamic_threshold
@@ -80,3 +81,30 @@ def test_classifier_cond_fn_gradient():
     p = torch.softmax(classifier(x, None), -1)
     expected = 2.0 * (W[y] - p @ W).reshape(x.shape)  # d/dx log softmax_y(Wx) = W_y - sum_k p_k W_k
     torch.testing.assert_close(g, expected)
+
+
+def test_class_labels_broadcast_cycle_and_refuse():
+    from diffusion_core.guidance import class_labels
+
+    assert class_labels(3, 0) is None
+    assert class_labels(5, 3).tolist() == [0, 1, 2, 0, 1]  # none given: the classes cycled
+    assert class_labels(3, 10, [7]).tolist() == [7, 7, 7]  # one label, broadcast
+    assert class_labels(2, 10, [4, 9]).tolist() == [4, 9]
+    for given, msg in (([1, 2], "1 or num_samples=3"), ([10], r"\[0, 9\], got \[10\]"), ([-1], "got \\[-1\\]")):
+        with pytest.raises(ValueError, match=msg):
+            class_labels(3, 10, given)
+    with pytest.raises(ValueError, match="unconditional"):
+        class_labels(2, 0, [1])
+
+
+def test_conditioned_model_wraps_only_for_guidance():
+    from diffusion_core.guidance import conditioned_model
+
+    m, y = LabelModel(), torch.tensor([1, 2])
+    assert conditioned_model(m, None, 1.0, null_label=10) == (m, {})
+    assert conditioned_model(m, y, 1.0, null_label=10)[0] is m
+    wrapped, kwargs = conditioned_model(m, y, 3.0, null_label=10, eps_channels=2)
+    assert isinstance(wrapped, ClassifierFreeGuidance) and wrapped.guidance_scale == 3.0 and kwargs["y"] is y
+    assert wrapped.null_label == 10 and wrapped.eps_channels == 2
+    with pytest.raises(ValueError, match="guidance_scale=2 needs a class-conditional model"):
+        conditioned_model(m, None, 2.0, null_label=0)
