@@ -50,7 +50,7 @@ from diffusion_core.steps import ddim_step, ddpm_step, dpm_solver_step, guided_o
 log = logging.getLogger(__name__)
 
 __all__ = ["SampleSpec", "SampleResult", "Ticket", "Engine", "EngineError", "TooCostly", "Overloaded",
-           "NotReady", "Cancelled", "TimedOut", "request_cost", "batch_buckets"]
+           "NotReady", "Cancelled", "TimedOut", "LoopStats", "request_cost", "batch_buckets"]
 
 
 # ---------------------------------------------------------------------------------------------- errors
@@ -178,17 +178,68 @@ def batch_buckets(max_batch_size: int) -> list[int]:
 
 # ---------------------------------------------------------------------------------------------- internals
 @dataclass
+class LoopStats:
+    """Where the loop's time goes, summed since start: wall and loop-thread CPU seconds of the UNet forwards and
+    of whole iterations (pack + inputs + forward + updates). Diff two :meth:`snapshot` s to see one period:
+    ``mean_rows`` < the bound means rows were missing; wall >> CPU means the loop waited (GIL, other processes);
+    step - forward is the engine's own per-step overhead."""
+
+    forwards: int = 0
+    rows: int = 0
+    forward_s: float = 0.0
+    forward_cpu_s: float = 0.0
+    step_s: float = 0.0
+    step_cpu_s: float = 0.0
+
+    def forward(self, wall: float, cpu: float) -> None:
+        self.forward_s += wall
+        self.forward_cpu_s += cpu
+
+    def step(self, rows: int, wall: float, cpu: float) -> None:
+        self.forwards += 1
+        self.rows += rows
+        self.step_s += wall
+        self.step_cpu_s += cpu
+
+    def snapshot(self) -> dict[str, float]:
+        return {"forwards": self.forwards, "rows": self.rows, "forward_s": round(self.forward_s, 4),
+                "forward_cpu_s": round(self.forward_cpu_s, 4), "step_s": round(self.step_s, 4),
+                "step_cpu_s": round(self.step_cpu_s, 4)}
+
+    @staticmethod
+    def period(before: dict[str, float], after: dict[str, float], seconds: float | None = None) -> dict[str, Any]:
+        """Per-forward means between two snapshots (ms), and the loop's busy fraction of ``seconds``."""
+        d = {k: after[k] - before[k] for k in after}
+        f = max(1, d["forwards"])
+        out = {"forwards": d["forwards"], "mean_rows": round(d["rows"] / f, 2),
+               "forward_ms": round(1000 * d["forward_s"] / f, 2),
+               "forward_cpu_ms": round(1000 * d["forward_cpu_s"] / f, 2),
+               "overhead_ms": round(1000 * (d["step_s"] - d["forward_s"]) / f, 2),
+               "overhead_cpu_ms": round(1000 * (d["step_cpu_s"] - d["forward_cpu_s"]) / f, 2)}
+        if seconds:
+            out["busy"] = round(d["step_s"] / seconds, 3)
+        return out
+
+
+@dataclass
 class _Slot:
-    """A loaded model version and its forward function (compiled or not)."""
+    """A loaded model version and its forward function (compiled or not), with the model facts the loop reads
+    every step cached (a served model's properties may be costly: ``DiffusionSampler.num_classes`` copies the
+    UNet config)."""
 
     model: ServedModel
     version: str | None
     forward: Callable[..., torch.Tensor]
     buckets: list[int] | None  # pad forwards to these sizes (compiled models), else None
+    null: int = field(init=False)  # the unconditional label (= num_classes); 0 for an unconditional model
+    channels: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.null, self.channels = int(self.model.num_classes), int(self.model.channels)
 
     @property
     def conditional(self) -> bool:
-        return int(self.model.num_classes) > 0
+        return self.null > 0
 
 
 _seq = itertools.count()
@@ -203,7 +254,9 @@ class _Request:
     ts: list[int]  # original step indices, strictly decreasing
     x: torch.Tensor  # [n, C, H, W] on the model's device
     g: torch.Generator
-    labels: torch.Tensor | None  # [n] on the device, None for an unconditional model
+    labels: torch.Tensor | None  # [fw_rows] on the device: labels, then null labels for the guided half; None
+    n: int = 0  # images
+    mult: int = 1  # forward rows per image: 2 with classifier-free guidance
     seq: int = field(default_factory=lambda: next(_seq))
     pos: int = 0
     filled: int = 0  # forward rows with a model output for the current step
@@ -217,14 +270,6 @@ class _Request:
     @property
     def spec(self) -> SampleSpec:
         return self.ticket.spec
-
-    @property
-    def n(self) -> int:
-        return self.x.shape[0]
-
-    @property
-    def mult(self) -> int:
-        return 2 if self.spec.guided else 1
 
     @property
     def fw_rows(self) -> int:
@@ -275,6 +320,7 @@ class Engine:
         self._stop = False
         self.forwards = 0  # UNet forwards run (for benchmarks and tests)
         self.rows = 0  # real rows in them
+        self.stats = LoopStats()
         self.last_error: str | None = None
         self.counts = {"completed": 0, "cancelled": 0, "timed_out": 0, "failed": 0}  # requests, by outcome
 
@@ -341,7 +387,8 @@ class Engine:
         with self._lock:
             return {"loop_alive": self.alive, "model_loaded": self.model is not None, "version": self.version,
                     "active_requests": len(self._active) + len(self._inbox), "queued_cost": self._outstanding,
-                    "max_queue_cost": self.max_queue_cost, "last_error": self.last_error, **self.counts}
+                    "max_queue_cost": self.max_queue_cost, "last_error": self.last_error, **self.counts,
+                    "stats": self.stats.snapshot()}
 
     # ------------------------------------------------------------------ loop control
     @property
@@ -421,8 +468,12 @@ class Engine:
             x = randn(shape, generator=[g] * spec.num_samples, device=m.device, dtype=torch.float32)
         except Exception as e:  # a bound the caller's validation missed: fail this request only
             return self._release(ticket, spec.cost, EngineError(f"{type(e).__name__}: {e}"))
-        self._active.append(_Request(ticket=ticket, slot=slot, ts=ts, x=x, g=g,
-                                     labels=None if labels is None else labels.to(m.device)))
+        mult = 2 if spec.guided else 1
+        if labels is not None:  # forward rows: conditional rows, then (guided) the same images' null-label rows
+            labels = labels.to(m.device)
+            labels = torch.cat([labels, torch.full_like(labels, slot.null)]) if mult == 2 else labels
+        self._active.append(_Request(ticket=ticket, slot=slot, ts=ts, x=x, g=g, labels=labels,
+                                     n=spec.num_samples, mult=mult))
 
     # ------------------------------------------------------------------ packing
     def _order(self) -> list[_Request]:
@@ -447,36 +498,38 @@ class Engine:
         return slot, chunks
 
     def _inputs(self, slot: _Slot, chunks) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Stack the chunks' x, per-row t and labels (guided requests: cond rows, then null-label rows)."""
+        """Stack the chunks' x, per-row t and labels (guided requests: cond rows, then null-label rows). A chunk
+        is a slice of its request's forward rows, so it costs one view, not a gather; t is built from a list."""
         xs, ts, ys = [], [], []
-        null = int(slot.model.num_classes)
         for req, start, k in chunks:
-            rows = torch.arange(start, start + k) % req.n
-            xs.append(req.x[rows.to(req.x.device)])
-            ts.append(torch.full((k,), req.ts[req.pos], dtype=torch.long))
+            x = req.x if req.mult == 1 else torch.cat([req.x, req.x])  # both halves of a guided request see x
+            xs.append(x if (start, k) == (0, x.shape[0]) else x[start:start + k])
+            ts.extend([req.ts[req.pos]] * k)
             if slot.conditional:
-                y = req.labels[rows.to(req.labels.device)].clone()
-                y[torch.arange(start, start + k, device=y.device) >= req.n] = null  # unconditional half
-                ys.append(y)
+                ys.append(req.labels[start:start + k])
         device = slot.model.device
-        x, t = torch.cat(xs), torch.cat(ts).to(device)
-        y = torch.cat(ys) if ys else None
+        x = xs[0] if len(xs) == 1 else torch.cat(xs)
+        t = torch.tensor(ts, dtype=torch.long, device=device)
+        y = (ys[0] if len(ys) == 1 else torch.cat(ys)) if ys else None
         if slot.buckets is not None:  # pad to a fixed size: a compiled model never sees a new shape
             size = next(b for b in slot.buckets if b >= x.shape[0])
             pad = size - x.shape[0]
             if pad:
                 x = torch.cat([x, x.new_zeros(pad, *x.shape[1:])])
                 t = torch.cat([t, t.new_zeros(pad)])
-                y = None if y is None else torch.cat([y, y.new_full((pad,), null)])
+                y = None if y is None else torch.cat([y, y.new_full((pad,), slot.null)])
         return x, t, y
 
     def _forward_and_update(self) -> None:
+        clock, cpu = time.perf_counter(), time.thread_time()
         slot, chunks = self._pack()
         real = sum(k for _, _, k in chunks)
         try:
             x, t, y = self._inputs(slot, chunks)
+            f_clock, f_cpu = time.perf_counter(), time.thread_time()
             with torch.no_grad():
                 out = slot.forward(x, t, y=y) if y is not None else slot.forward(x, t)
+            self.stats.forward(time.perf_counter() - f_clock, time.thread_time() - f_cpu)
         except Exception as e:  # a model fault fails the requests of this forward only
             self.last_error = f"{type(e).__name__}: {e}"
             log.exception("engine: forward failed")
@@ -491,9 +544,12 @@ class Engine:
             req.skipped = 0 if id(req) in included else req.skipped + 1
         i = 0
         for req, start, k in chunks:
-            if req.out is None:
-                req.out = out.new_empty(req.fw_rows, *out.shape[1:])
-            req.out[start:start + k] = out[i:i + k]
+            if k == req.fw_rows:  # the whole step in this forward (the common case): a view, no copy
+                req.out = out[i:i + k]
+            else:
+                if req.out is None:
+                    req.out = out.new_empty(req.fw_rows, *out.shape[1:])
+                req.out[start:start + k] = out[i:i + k]
             i += k
             req.filled += k
             req.batch_size = max(req.batch_size, real)
@@ -512,40 +568,48 @@ class Engine:
                 continue
             for req, x0 in zip(group, x0s, strict=True):
                 self._advanced(req, x0)
+        self.stats.step(real, time.perf_counter() - clock, time.thread_time() - cpu)
 
     # ------------------------------------------------------------------ per-request update
     def _update(self, group: list[_Request]) -> list[torch.Tensor]:
-        """Each request's own step t -> t_prev from its model outputs (diffusion_core.steps), for requests of one
-        model and sampler stacked row-wise; returns each request's x0 prediction."""
-        m, sampler = group[0].slot.model, group[0].spec.sampler
-        outs, t, t_prev, noise, eta, second, prev, h_prev = [], [], [], [], [], [], [], []
+        """Each request's own step t -> t_prev from its model outputs (diffusion_core.steps), for the requests of
+        one model and sampler stacked row-wise into ONE call of the step function; returns each request's x0.
+
+        Per-row scalars (t, t_prev, eta, DPM-Solver++ order) are gathered as Python lists and become one tensor
+        each; only the noise is drawn per request (from its own generator, so batch-mates never shift it)."""
+        slot, sampler = group[0].slot, group[0].spec.sampler
+        t, t_prev, eta, second, outs, noise, draws_any = [], [], [], [], [], [], False
         for req in group:
-            n, out = req.n, req.out
+            n, out, last = req.n, req.out, req.pos == len(req.ts) - 1
             if req.mult == 2:  # classifier-free guidance on the eps channels
-                out = guided_output(out[:n], out[n:], float(req.spec.guidance_scale), int(m.channels))
+                out = guided_output(out[:n], out[n:], float(req.spec.guidance_scale), slot.channels)
             outs.append(out)
-            last = req.pos == len(req.ts) - 1
-            t.append(torch.full((n,), req.ts[req.pos], dtype=torch.long))
-            t_prev.append(torch.full((n,), -1 if last else req.ts[req.pos + 1], dtype=torch.long))
+            t.extend([req.ts[req.pos]] * n)
+            t_prev.extend([-1 if last else req.ts[req.pos + 1]] * n)
             # noise drawn per row from the request's own generator, rows in order, exactly when the core loops
             # draw it (every ddpm step but the last, every ddim step with eta > 0); zeros where it is unused
             draws = (sampler == "ddpm" and not last) or (sampler == "ddim" and req.spec.eta != 0)
+            draws_any |= draws
             noise.append(randn(req.x.shape, generator=[req.g] * n, device=req.x.device, dtype=req.x.dtype)
-                         if draws else torch.zeros_like(req.x))
-            eta.append(torch.full((n,), float(req.spec.eta), dtype=torch.float64))
+                         if draws else None)
+            eta.extend([float(req.spec.eta)] * n)
             # DPM-Solver++(2M) with lower_order_final, as samplers.dpm_solver_sample_progressive
-            second.append(torch.full((n,), req.prev_x0 is not None and req.pos != len(req.ts) - 2))
-            prev.append(req.prev_x0 if req.prev_x0 is not None else torch.zeros_like(req.x))
-            h_prev.append(req.h_prev if req.h_prev is not None else torch.full((n,), math.nan, dtype=torch.float64))
-        x, out, t, t_prev = torch.cat([r.x for r in group]), torch.cat(outs), torch.cat(t), torch.cat(t_prev)
-        d, sizes = m.diffusion, [r.n for r in group]
+            second.extend([req.prev_x0 is not None and req.pos != len(req.ts) - 2] * n)
+        cat = (lambda xs: xs[0]) if len(group) == 1 else torch.cat
+        x, out = cat([r.x for r in group]), cat(outs)
+        t, t_prev = torch.tensor(t, dtype=torch.long), torch.tensor(t_prev, dtype=torch.long)
+        noise = cat([z if z is not None else torch.zeros_like(r.x) for z, r in zip(noise, group)]) \
+            if draws_any else None
+        d, sizes = slot.model.diffusion, [r.n for r in group]
         if sampler == "ddpm":
-            x, x0 = ddpm_step(d, x, t, t_prev, out, torch.cat(noise))
+            x, x0 = ddpm_step(d, x, t, t_prev, out, noise)
         elif sampler == "ddim":
-            eta = torch.cat(eta)
-            x, x0 = ddim_step(d, x, t, t_prev, out, eta, torch.cat(noise) if bool((eta != 0).any()) else None)
+            x, x0 = ddim_step(d, x, t, t_prev, out, torch.tensor(eta, dtype=torch.float64), noise)
         else:
-            x, x0, h = dpm_solver_step(d, x, t, t_prev, out, torch.cat(prev), torch.cat(h_prev), torch.cat(second))
+            prev = cat([r.prev_x0 if r.prev_x0 is not None else torch.zeros_like(r.x) for r in group])
+            h_prev = cat([r.h_prev if r.h_prev is not None else torch.full((r.n,), math.nan, dtype=torch.float64)
+                          for r in group])
+            x, x0, h = dpm_solver_step(d, x, t, t_prev, out, prev, h_prev, torch.tensor(second))
             for req, x0_r, h_r in zip(group, x0.split(sizes), h.split(sizes), strict=True):
                 req.prev_x0, req.h_prev = x0_r, h_r
         for req, x_r in zip(group, x.split(sizes), strict=True):
@@ -556,6 +620,7 @@ class Engine:
         """Bookkeeping after a request's step: position, queue cost, previews, done."""
         req.pos += 1
         req.filled = 0
+        req.out = None
         with self._lock:
             self._outstanding -= req.fw_rows
         k = req.spec.preview_every
