@@ -39,6 +39,8 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 
+from pipelines.engine import LoopStats  # noqa: E402
+
 DEFAULT_OUT = str(Path(__file__).parent / "results" / "serve_load_cpu.json")
 
 
@@ -48,6 +50,34 @@ def percentile(xs: list[float], q: float) -> float:
         return float("nan")
     s = sorted(xs)
     return s[min(len(s) - 1, max(0, int(round(q / 100 * len(s) + 0.5)) - 1))]
+
+
+_GROUPS = (("ServeReplica", "replica"), ("ProxyActor", "proxy"), ("ServeController", "controller"),
+           ("raylet", "raylet"), ("gcs_server", "gcs"))
+
+
+def cpu_by_process() -> dict[str, float]:
+    """CPU seconds so far of this process (the load clients) and of its descendants (the Ray cluster it started),
+    grouped: replica, proxy, controller, raylet, gcs, other."""
+    import psutil
+
+    me = psutil.Process()
+    out = {"client": sum(me.cpu_times()[:2])}
+    for p in me.children(recursive=True):
+        try:
+            cmd, t = " ".join(p.cmdline()), sum(p.cpu_times()[:2])
+        except psutil.Error:
+            continue
+        group = next((g for key, g in _GROUPS if key in cmd), "other")
+        out[group] = out.get(group, 0.0) + t
+    return out
+
+
+def cpu_ms_per_request(before: dict[str, float], after: dict[str, float], requests: int) -> dict[str, float]:
+    """CPU milliseconds per request, by process group, between two :func:`cpu_by_process` snapshots."""
+    d = {k: round(1000 * (after.get(k, 0.0) - before.get(k, 0.0)) / max(1, requests), 2) for k in after}
+    d["total"] = round(sum(d.values()), 2)
+    return d
 
 
 async def closed_loop(url: str, concurrency: int, seconds: float, max_requests: int, body: dict) -> dict:
@@ -75,10 +105,12 @@ async def closed_loop(url: str, concurrency: int, seconds: float, max_requests: 
                 errors[status] = errors.get(status, 0) + 1
 
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    start = time.perf_counter()
     async with httpx.AsyncClient(timeout=600, limits=limits) as c:
+        before, cpu_before = (await c.get(f"{url}/healthz")).json()["stats"], cpu_by_process()
+        start = time.perf_counter()
         await asyncio.gather(*(client(c, k) for k in range(concurrency)))
-    elapsed = time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+        after, cpu_after = (await c.get(f"{url}/healthz")).json()["stats"], cpu_by_process()
     ok = len(latencies)
     return {
         "concurrency": concurrency, "requests": ok + sum(errors.values()), "ok": ok,
@@ -86,6 +118,8 @@ async def closed_loop(url: str, concurrency: int, seconds: float, max_requests: 
         "images_per_s": round(ok * body["num_samples"] / elapsed, 3),
         "p50_ms": round(1000 * percentile(latencies, 50), 1), "p99_ms": round(1000 * percentile(latencies, 99), 1),
         "mean_batch_size": round(statistics.fmean(batch_sizes), 2) if batch_sizes else None,
+        "engine": LoopStats.period(before, after, elapsed),  # rows per forward, forward vs overhead ms, busy
+        "cpu_ms_per_request": cpu_ms_per_request(cpu_before, cpu_after, ok + sum(errors.values())),
     }
 
 
@@ -267,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reload-interval", type=float, default=5.0, help="serve.reload_interval_s (rollout)")
     ap.add_argument("--scenarios", nargs="*", default=["mixed", "aborted", "streams", "rollout"],
                     help="scenarios after the load levels (on the batched deployment)")
+    ap.add_argument("--modes", nargs="+", choices=["batched", "unbatched"], default=["batched", "unbatched"],
+                    help="deployments to run (the ratios need both)")
     ap.add_argument("--quick", action="store_true", help="smoke run: small budgets, long requests of 50 steps")
     ap.add_argument("--pack-ratio", type=float, default=None,
                     help="serve.pack_ratio (None: fill every forward; e.g. 4 on CPUs for short-request latency)")
@@ -299,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
         bound = model_only_bound(unet, args.batch_size, args.steps, args.threads or 1)
         scenarios: dict[str, dict] = {}
         for mode, batch in (("batched", args.batch_size), ("unbatched", 1)):
+            if mode not in args.modes:
+                continue
             overrides = [*base, f"serve.port={args.port}", f"serve.max_batch_size={batch}",
                          f"serve.reload_interval_s={args.reload_interval}",
                          *([f"serve.pack_ratio={args.pack_ratio}"] if args.pack_ratio else []),
@@ -328,13 +366,14 @@ def main(argv: list[str] | None = None) -> int:
         return next((r["p50_ms"] for r in results if r["mode"] == mode and r["concurrency"] == c), None)
 
     speedups = {str(c): round(ips("batched", c) / ips("unbatched", c), 2)
-                for c in args.concurrency if ips("unbatched", c)}
+                for c in args.concurrency if ips("unbatched", c) and ips("batched", c)}
     c_hi = 16 if 16 in args.concurrency else max(args.concurrency)
     checks = {
         "c1_p50_batched_over_unbatched": round(p50("batched", 1) / p50("unbatched", 1), 3)
-        if 1 in args.concurrency else None,
+        if p50("batched", 1) and p50("unbatched", 1) else None,
         f"c{c_hi}_throughput_batched_over_unbatched": speedups.get(str(c_hi)),
-        f"c{c_hi}_throughput_over_model_only_bound": round(ips("batched", c_hi) / bound["images_per_s"], 3),
+        f"c{c_hi}_throughput_over_model_only_bound": round(ips("batched", c_hi) / bound["images_per_s"], 3)
+        if ips("batched", c_hi) else None,
         "targets": "c1 p50 ratio <= 1.15; c16 >= 3x unbatched and >= 0.75 of the model-only bound",
     }
     report = {
@@ -380,11 +419,16 @@ def run_scenarios(url: str, args, ws: Path, long_steps: int, stream_steps: int) 
 
 
 def table(results: list[dict], bound: dict) -> str:
-    head = f"{'mode':<10}{'c':>4}{'img/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'batch':>7}{'errors':>7}"
+    head = (f"{'mode':<10}{'c':>4}{'img/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'batch':>7}{'errors':>7}"
+            f"{'rows/fw':>9}{'fw ms':>8}{'fw cpu':>8}{'ovh ms':>8}{'runq':>7}{'gil':>7}{'busy':>6}")
     lines = [head, "-" * len(head)]
     for r in results:
+        e = r.get("engine", {})
         lines.append(f"{r['mode']:<10}{r['concurrency']:>4}{r['images_per_s']:>9.2f}{r['p50_ms']:>9.1f}"
-                     f"{r['p99_ms']:>9.1f}{(r['mean_batch_size'] or 0):>7.1f}{r['errors']:>7}")
+                     f"{r['p99_ms']:>9.1f}{(r['mean_batch_size'] or 0):>7.1f}{r['errors']:>7}"
+                     f"{e.get('mean_rows', 0):>9.2f}{e.get('forward_ms', 0):>8.1f}{e.get('forward_cpu_ms', 0):>8.1f}"
+                     f"{e.get('overhead_ms', 0):>8.2f}{e.get('step_runq_ms', 0):>7.1f}{e.get('step_gil_ms', 0):>7.1f}"
+                     f"{e.get('busy', 0):>6.2f}")
     lines.append(f"model-only bound at batch {bound['batch']}: {bound['images_per_s']} img/s "
                  f"({bound['forward_ms']} ms per forward)")
     return "\n".join(lines)

@@ -20,11 +20,22 @@ same order as ``diffusion_core.samplers.sample`` with ``generator=[g] * n`` (so 
 Fairness: least remaining work first (remaining rows x steps, x2 when guided), with aging. Serving the request
 that will finish soonest minimises mean latency (shortest-remaining-processing-time) and keeps a 2-step request
 from waiting behind a thousand-step one; a request left out of ``starve_after`` consecutive forwards goes first, so
-long requests are never starved by a stream of short ones. By default packing is work-conserving: the forward
-is filled up to the bound in that order, so when the active rows fit every request advances at every forward
-(right for a GPU, where a forward of 16 rows costs about one of 1). On a CPU a forward's time grows with its
-rows, so ``pack_ratio`` can restrict a forward to requests whose remaining work is at most ``pack_ratio`` times
-the first one's (starved requests always join): short requests then run in small, fast forwards.
+long requests are never starved by a stream of short ones.
+
+Packing: by default it is work-conserving: the forward is filled up to the bound in that order, so when the active
+rows fit every request advances at every forward. That is right for a GPU, where a forward of 16 rows costs about
+one of 1. On a CPU a forward's time grows with its rows (quickstart UNet, 1 thread: batch 16 costs ~3.4x batch 1),
+and a short request sharing forwards with many long ones pays that factor at each of its steps: 12 DDPM-1000 rows
+beside 4 DDIM-10 rows make every DDIM step a 16-row forward. ``pack_ratio`` splits requests by size: a request
+costing more than ``pack_ratio`` x the cheapest active request's cost is *long*. Short requests (and starved
+ones) fill the forward; long ones fill it only up to ``pack_rows`` rows. So while short requests are active a
+forward has at most max(short rows, ``pack_rows``) rows plus starved ones, and a short request's step costs about
+one ``pack_rows``-row forward instead of a full one; long requests keep advancing, ``pack_rows`` - (short rows) of
+them per forward in least-remaining order, the rest within ``starve_after`` + 1 forwards (aging). When all active
+requests are of similar size (e.g. uniform 1-image requests at any progress) none is long and every forward is
+full: the class is by request size, not progress, so throughput under uniform load is untouched. Choose
+``pack_rows`` as the forward size that costs at most ~2x a 1-row forward on the device (8 for the quickstart
+UNet on one CPU thread); a GPU needs no ``pack_ratio`` at all.
 
 Cost: rows x steps (x2 with guidance). A request over ``max_request_cost`` is refused (:class:`TooCostly`);
 the outstanding cost of all admitted requests is bounded by ``max_queue_cost`` (:class:`Overloaded`).
@@ -177,12 +188,25 @@ def batch_buckets(max_batch_size: int) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------------------- internals
+_SCHEDSTAT = "/proc/thread-self/schedstat"
+
+
+def runq_seconds() -> float:
+    """Seconds this thread has been runnable but waiting for a CPU (Linux schedstat; 0 elsewhere)."""
+    try:
+        with open(_SCHEDSTAT, "rb") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 @dataclass
 class LoopStats:
     """Where the loop's time goes, summed since start: wall and loop-thread CPU seconds of the UNet forwards and
     of whole iterations (pack + inputs + forward + updates). Diff two :meth:`snapshot` s to see one period:
-    ``mean_rows`` < the bound means rows were missing; wall >> CPU means the loop waited (GIL, other processes);
-    step - forward is the engine's own per-step overhead."""
+    ``mean_rows`` < the bound means rows were missing; wall >> CPU means the loop waited: for a CPU (``runq``:
+    runnable but not running, from Linux's schedstat; other processes) or for the GIL (the rest: other threads of
+    this process); step - forward is the engine's own per-step overhead."""
 
     forwards: int = 0
     rows: int = 0
@@ -190,21 +214,23 @@ class LoopStats:
     forward_cpu_s: float = 0.0
     step_s: float = 0.0
     step_cpu_s: float = 0.0
+    step_runq_s: float = 0.0
 
     def forward(self, wall: float, cpu: float) -> None:
         self.forward_s += wall
         self.forward_cpu_s += cpu
 
-    def step(self, rows: int, wall: float, cpu: float) -> None:
+    def step(self, rows: int, wall: float, cpu: float, runq: float) -> None:
         self.forwards += 1
         self.rows += rows
         self.step_s += wall
         self.step_cpu_s += cpu
+        self.step_runq_s += runq
 
     def snapshot(self) -> dict[str, float]:
         return {"forwards": self.forwards, "rows": self.rows, "forward_s": round(self.forward_s, 4),
                 "forward_cpu_s": round(self.forward_cpu_s, 4), "step_s": round(self.step_s, 4),
-                "step_cpu_s": round(self.step_cpu_s, 4)}
+                "step_cpu_s": round(self.step_cpu_s, 4), "step_runq_s": round(self.step_runq_s, 4)}
 
     @staticmethod
     def period(before: dict[str, float], after: dict[str, float], seconds: float | None = None) -> dict[str, Any]:
@@ -215,7 +241,10 @@ class LoopStats:
                "forward_ms": round(1000 * d["forward_s"] / f, 2),
                "forward_cpu_ms": round(1000 * d["forward_cpu_s"] / f, 2),
                "overhead_ms": round(1000 * (d["step_s"] - d["forward_s"]) / f, 2),
-               "overhead_cpu_ms": round(1000 * (d["step_cpu_s"] - d["forward_cpu_s"]) / f, 2)}
+               "overhead_cpu_ms": round(1000 * (d["step_cpu_s"] - d["forward_cpu_s"]) / f, 2),
+               "step_ms": round(1000 * d["step_s"] / f, 2), "step_cpu_ms": round(1000 * d["step_cpu_s"] / f, 2),
+               "step_runq_ms": round(1000 * d.get("step_runq_s", 0.0) / f, 2)}
+        out["step_gil_ms"] = round(max(0.0, out["step_ms"] - out["step_cpu_ms"] - out["step_runq_ms"]), 2)
         if seconds:
             out["busy"] = round(d["step_s"] / seconds, 3)
         return out
@@ -294,13 +323,16 @@ class Engine:
     :param request_timeout_s: default deadline of a request (None: none).
     :param compile: torch.compile each model and pad forwards to :func:`batch_buckets` (no recompiles).
     :param starve_after: forwards a request may be left out of before it goes first.
-    :param pack_ratio: None (fill every forward) or the most remaining work, relative to the first request's, of
-        requests packed with it.
+    :param pack_ratio: None (fill every forward) or the cost ratio beyond which a request is *long*: costlier than
+        ``pack_ratio`` x the cheapest active request.
+    :param pack_rows: with ``pack_ratio``, the rows up to which long requests may fill a forward that short ones
+        leave room in (None: long requests join only when starved).
     """
 
     def __init__(self, *, max_batch_size: int = 16, max_request_cost: int = 16 * 1000 * 2,
                  max_queue_cost: int | None = None, request_timeout_s: float | None = None,
-                 compile: bool = False, starve_after: int = 8, pack_ratio: float | None = None) -> None:
+                 compile: bool = False, starve_after: int = 8, pack_ratio: float | None = None,
+                 pack_rows: int | None = None) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.max_batch_size = int(max_batch_size)
@@ -310,6 +342,7 @@ class Engine:
         self.compile = bool(compile)
         self.starve_after = int(starve_after)
         self.pack_ratio = pack_ratio
+        self.pack_rows = pack_rows
         self._lock = threading.Condition()
         self._inbox: list[Ticket] = []
         self._active: list[_Request] = []
@@ -481,20 +514,29 @@ class Engine:
         return sorted(self._active, key=lambda r: (r.skipped < self.starve_after, r.remaining, r.seq))
 
     def _pack(self) -> tuple[_Slot, list[tuple[_Request, int, int]]]:
-        """Choose (request, first forward row, rows) chunks for one forward of one model version."""
+        """Choose (request, first forward row, rows) chunks for one forward of one model version.
+
+        In fairness order; with ``pack_ratio`` a request is *long* when its cost exceeds ``pack_ratio`` times the
+        cheapest active request's. Short and starved requests fill the forward up to ``max_batch_size``; a long,
+        not starved one only while the forward has fewer than ``pack_rows`` rows (None: never)."""
         order = self._order()
-        slot, room, chunks = order[0].slot, self.max_batch_size, []
-        limit = None if self.pack_ratio is None else self.pack_ratio * order[0].remaining
-        for req in order:
+        slot, room, used, chunks = order[0].slot, self.max_batch_size, 0, []
+        mine = [r for r in order if r.slot is slot]
+        cap = self.max_batch_size
+        if self.pack_ratio is not None:
+            cheapest = min(r.spec.cost for r in mine)
+            long_cost = self.pack_ratio * cheapest
+            cap = 0 if self.pack_rows is None else self.pack_rows
+        for req in mine:
             if room == 0:
                 break
-            if req.slot is not slot:
-                continue
-            if limit is not None and req.remaining > limit and req.skipped < self.starve_after:
-                continue
-            k = min(room, req.fw_rows - req.filled)
-            chunks.append((req, req.filled, k))
-            room -= k
+            need = req.fw_rows - req.filled
+            if self.pack_ratio is not None and req.spec.cost > long_cost and req.skipped < self.starve_after:
+                need = min(need, max(0, cap - used))  # a long request fills only up to pack_rows
+            k = min(room, need)
+            if k:
+                chunks.append((req, req.filled, k))
+                room, used = room - k, used + k
         return slot, chunks
 
     def _inputs(self, slot: _Slot, chunks) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -521,7 +563,7 @@ class Engine:
         return x, t, y
 
     def _forward_and_update(self) -> None:
-        clock, cpu = time.perf_counter(), time.thread_time()
+        clock, cpu, runq = time.perf_counter(), time.thread_time(), runq_seconds()
         slot, chunks = self._pack()
         real = sum(k for _, _, k in chunks)
         try:
@@ -568,7 +610,7 @@ class Engine:
                 continue
             for req, x0 in zip(group, x0s, strict=True):
                 self._advanced(req, x0)
-        self.stats.step(real, time.perf_counter() - clock, time.thread_time() - cpu)
+        self.stats.step(real, time.perf_counter() - clock, time.thread_time() - cpu, runq_seconds() - runq)
 
     # ------------------------------------------------------------------ per-request update
     def _update(self, group: list[_Request]) -> list[torch.Tensor]:

@@ -292,7 +292,8 @@ class DiffusionIngress:
         self.model_uri = model_uri
         self.engine = Engine(max_batch_size=cfg.max_batch_size, max_request_cost=cfg.max_request_cost or 1,
                              max_queue_cost=cfg.max_queue_cost or 1, request_timeout_s=cfg.request_timeout_s,
-                             compile=cfg.compile, pack_ratio=cfg.pack_ratio).start()
+                             compile=cfg.compile, pack_ratio=cfg.pack_ratio,
+                             pack_rows=cfg.pack_rows).start()
         self.follower = ModelFollower(self.engine, model_uri, tracking_uri, cfg, device)
 
     def check_health(self) -> None:
