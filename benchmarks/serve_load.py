@@ -7,7 +7,9 @@ temporary MLflow registry and deploys the Serve app twice, ``serve.max_batch_siz
    concurrency, bounded by ``--seconds`` and ``--max-requests``; 1-image DDIM-20 requests. Images/s, p50/p99,
    errors by status, and the model-only bound measured in the same run, 16 / (steps x one batch-16 forward).
 Then, on the batched deployment only:
-2. **mixed**: 12 clients on DDPM-1000 and 4 on DDIM-10; the DDIM-10 p50 against its idle p50;
+2. **mixed**: 12 clients on DDPM-1000 and 4 on DDIM-10; the DDIM-10 p50 against its idle p50 (on a CPU the
+   batched deployment uses size-class packing, ``serve.pack_ratio`` 4 / ``serve.pack_rows`` 8: see
+   ``pipelines/engine.py``; ``--fill`` turns it off);
 3. **aborted**: 3 clients give up on 16-image DDPM-1000 requests after 0.5 s; then one 2-step request's latency;
 4. **streams**: 6 streams of 16 images, DDPM-300, guidance 3; a 2-step request's latency while they run;
 5. **rollout**: 8 clients keep sending while @champion moves to a new version; failed requests and the time
@@ -207,13 +209,17 @@ async def mixed(url: str, long_steps: int, seconds: float) -> dict:
         longs = [asyncio.create_task(loop({"num_samples": 1, "sampler": "ddpm", "steps": long_steps}, False))
                  for _ in range(12)]
         await asyncio.sleep(min(2.0, seconds / 4))  # the long requests are in
+        before, start = (await c.get(f"{url}/healthz")).json()["stats"], time.perf_counter()
         await asyncio.gather(*(loop(short, True) for _ in range(4)))
+        after, elapsed = (await c.get(f"{url}/healthz")).json()["stats"], time.perf_counter() - start
         await until_cancelled(longs)  # disconnects: the server drops them
         await drained(c, url)
     p_idle, p_load = percentile(idle, 50), percentile(lat, 50)
     return {"long_steps": long_steps, "ddim10_idle_p50_ms": round(1000 * p_idle, 1),
             "ddim10_p50_ms": round(1000 * p_load, 1), "ddim10_requests": len(lat),
-            "ratio": round(p_load / p_idle, 2), "target": "ratio <= 3"}
+            "ratio": round(p_load / p_idle, 2), "rows_per_s": round((after["rows"] - before["rows"]) / elapsed, 1),
+            "long_rows_per_s": round((after["rows"] - before["rows"] - 10 * len(lat)) / elapsed, 1),
+            "engine": LoopStats.period(before, after, elapsed), "target": "ratio <= 3"}
 
 
 async def aborted(url: str, long_steps: int) -> dict:
@@ -305,12 +311,20 @@ def main(argv: list[str] | None = None) -> int:
                     help="deployments to run (the ratios need both)")
     ap.add_argument("--quick", action="store_true", help="smoke run: small budgets, long requests of 50 steps")
     ap.add_argument("--pack-ratio", type=float, default=None,
-                    help="serve.pack_ratio (None: fill every forward; e.g. 4 on CPUs for short-request latency)")
+                    help="serve.pack_ratio of the batched deployment (default: 4 on a CPU, none with --use-gpu)")
+    ap.add_argument("--pack-rows", type=int, default=None,
+                    help="serve.pack_rows of the batched deployment (default: 8 on a CPU, none with --use-gpu)")
+    ap.add_argument("--fill", action="store_true", help="no size classes: fill every forward (pack_ratio None)")
     ap.add_argument("--threads", type=int, default=None, help="serve.threads_per_replica (default: 1 per CPU)")
     ap.add_argument("--port", type=int, default=8765)
     ap.add_argument("--use-gpu", action="store_true")
     ap.add_argument("--out", default=DEFAULT_OUT)
     args = ap.parse_args(argv)
+    if not args.fill and not args.use_gpu:  # CPU: a forward's time grows with its rows (engine.py, Packing)
+        args.pack_ratio = 4.0 if args.pack_ratio is None else args.pack_ratio
+        args.pack_rows = 8 if args.pack_rows is None else args.pack_rows
+    if args.fill:
+        args.pack_ratio = args.pack_rows = None
     if args.quick:
         args.concurrency, args.seconds, args.max_requests = [1, 4], 3.0, 40
     long_steps = 50 if args.quick else 1000
@@ -339,7 +353,8 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             overrides = [*base, f"serve.port={args.port}", f"serve.max_batch_size={batch}",
                          f"serve.reload_interval_s={args.reload_interval}",
-                         *([f"serve.pack_ratio={args.pack_ratio}"] if args.pack_ratio else []),
+                         *([f"serve.pack_ratio={args.pack_ratio}"] if args.pack_ratio and batch > 1 else []),
+                         *([f"serve.pack_rows={args.pack_rows}"] if args.pack_rows and batch > 1 else []),
                          f"serve.max_ongoing_requests={max(top, 64)}",
                          f"serve.max_queued_requests={max(top, 64)}", f"serve.use_gpu={str(args.use_gpu).lower()}"]
             if args.threads:
@@ -383,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
         "request": body, "seconds_per_level": args.seconds, "max_requests_per_level": args.max_requests,
         "quick": args.quick, "results": results, "speedup_batched_over_unbatched": speedups,
         "model_only_bound": bound, "checks": checks, "scenarios": scenarios,
-        "threads_per_replica": args.threads or 1, "pack_ratio": args.pack_ratio,
+        "threads_per_replica": args.threads or 1, "pack_ratio": args.pack_ratio, "pack_rows": args.pack_rows,
         "loadavg_at_start": load_at_start, "loadavg_at_end": os.getloadavg(),
     }
     out = Path(args.out)
