@@ -223,7 +223,7 @@ def run_mixed(preset: str, args, device: torch.device) -> list[dict]:
                         compile=args.compile, pack_ratio=ratio, pack_rows=rows)
         engine.swap(engine.prepare(model, "bench"))
         engine.start()
-        r = {"preset": preset, "policy": name, "pack_ratio": ratio, "pack_rows": rows,
+        r = {"preset": preset, "policy": name, "pack_ratio": ratio, "pack_rows": engine.health()["pack_rows"],
              **mixed(engine, args.long_steps, args.seconds)}
         engine.stop()
         print(json.dumps(r), file=sys.stderr, flush=True)
@@ -261,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="levels: closed-loop concurrency levels; mixed: 12 DDPM-long + 4 DDIM-10 clients per policy")
     ap.add_argument("--long-steps", type=int, default=1000, help="DDPM steps of the mixed scenario's long requests")
     ap.add_argument("--pack-ratio", type=float, default=4.0, help="the mixed scenario's size-class policy")
-    ap.add_argument("--pack-rows", type=int, default=8, help="the mixed scenario's size-class policy")
+    ap.add_argument("--pack-rows", type=int, default=None,
+                    help="the mixed scenario's size-class policy (default: calibrated by the engine)")
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: concurrency 1 4, 4 steps, 2 s per level, quickstart only unless --preset")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"), help="directory for the JSON")

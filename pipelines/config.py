@@ -293,7 +293,8 @@ class ServeConfig(_Section):
         "ones always join).")
     pack_rows: int | None = Field(
         None, ge=1, description="With pack_ratio: rows up to which long requests fill a forward beside short ones "
-        "(None: long requests join only when starved). About the batch whose forward costs 2x a 1-row one.")
+        "(1: only when starved; None: measured at model load, the largest batch whose forward costs <= 2.5x a 1-row "
+        "one).")
     max_ongoing_requests: int = Field(256, ge=1, description="Per replica, HTTP requests held (streams included).")
     keep_alive: bool = Field(False, description="Keep serving after the deploy stage (local runs).")
     max_queued_requests: int = Field(

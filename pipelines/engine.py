@@ -34,8 +34,9 @@ one ``pack_rows``-row forward instead of a full one; long requests keep advancin
 them per forward in least-remaining order, the rest within ``starve_after`` + 1 forwards (aging). When all active
 requests are of similar size (e.g. uniform 1-image requests at any progress) none is long and every forward is
 full: the class is by request size, not progress, so throughput under uniform load is untouched. Choose
-``pack_rows`` as the forward size that costs at most ~2x a 1-row forward on the device (8 for the quickstart
-UNet on one CPU thread); a GPU needs no ``pack_ratio`` at all.
+``pack_rows`` is the forward size that costs at most ~2.5x a 1-row forward on the device: by default (None) the
+engine measures it when it prepares a model (:func:`calibrate_pack_rows`; 8 for the quickstart UNet on one quiet
+CPU thread, less on a loaded machine where big forwards slow down more); a GPU needs no ``pack_ratio`` at all.
 
 Cost: rows x steps (x2 with guidance). A request over ``max_request_cost`` is refused (:class:`TooCostly`);
 the outstanding cost of all admitted requests is bounded by ``max_queue_cost`` (:class:`Overloaded`).
@@ -61,7 +62,7 @@ from diffusion_core.steps import ddim_step, ddpm_step, dpm_solver_step, guided_o
 log = logging.getLogger(__name__)
 
 __all__ = ["SampleSpec", "SampleResult", "Ticket", "Engine", "EngineError", "TooCostly", "Overloaded",
-           "NotReady", "Cancelled", "TimedOut", "LoopStats", "request_cost", "batch_buckets"]
+           "NotReady", "Cancelled", "TimedOut", "LoopStats", "request_cost", "batch_buckets", "calibrate_pack_rows"]
 
 
 # ---------------------------------------------------------------------------------------------- errors
@@ -187,6 +188,19 @@ def batch_buckets(max_batch_size: int) -> list[int]:
     return sorted({1 << k for k in range(max(1, b).bit_length()) if (1 << k) < b} | {b})
 
 
+def calibrate_pack_rows(forward_s: dict[int, float], factor: float = 2.5) -> int:
+    """The largest batch b, scanning measured sizes upwards, whose forward costs at most ``factor`` x a 1-row
+    forward: a short request sharing forwards of b rows steps at <= ``factor`` x its idle step time, which with
+    the fixed per-request costs (HTTP, encoding) and the starved requests' occasional full forwards keeps it
+    under 3x its idle latency."""
+    rows = 1
+    for b in sorted(forward_s):
+        if forward_s[b] > factor * forward_s[min(forward_s)]:
+            break
+        rows = b
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------- internals
 _SCHEDSTAT = "/proc/thread-self/schedstat"
 
@@ -262,6 +276,7 @@ class _Slot:
     buckets: list[int] | None  # pad forwards to these sizes (compiled models), else None
     null: int = field(init=False)  # the unconditional label (= num_classes); 0 for an unconditional model
     channels: int = field(init=False)
+    pack_rows: int | None = None  # calibrated by Engine.prepare when the engine has pack_ratio but no pack_rows
 
     def __post_init__(self) -> None:
         self.null, self.channels = int(self.model.num_classes), int(self.model.channels)
@@ -269,6 +284,26 @@ class _Slot:
     @property
     def conditional(self) -> bool:
         return self.null > 0
+
+
+def _time_forward(slot: _Slot, rows: int, repeats: int) -> float:
+    """Median wall seconds of ``repeats`` forwards of ``rows`` zero rows (after one untimed warm-up)."""
+    m = slot.model
+    x = torch.zeros(rows, slot.channels, int(m.image_size), int(m.image_size), device=m.device)
+    t = torch.zeros(rows, dtype=torch.long, device=m.device)
+    kw = {"y": torch.full((rows,), slot.null, dtype=torch.long, device=m.device)} if slot.conditional else {}
+    times = []
+    with torch.no_grad():
+        for i in range(repeats + 1):
+            if m.device.type == "cuda":
+                torch.cuda.synchronize(m.device)
+            start = time.perf_counter()
+            slot.forward(x, t, **kw)
+            if m.device.type == "cuda":
+                torch.cuda.synchronize(m.device)
+            if i:
+                times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2] if times else 0.0
 
 
 _seq = itertools.count()
@@ -326,7 +361,8 @@ class Engine:
     :param pack_ratio: None (fill every forward) or the cost ratio beyond which a request is *long*: costlier than
         ``pack_ratio`` x the cheapest active request.
     :param pack_rows: with ``pack_ratio``, the rows up to which long requests may fill a forward that short ones
-        leave room in (None: long requests join only when starved).
+        leave room in (1: long requests join only when starved; None: calibrated per model by :meth:`prepare`,
+        the largest bucket size whose forward costs at most 2.5x a 1-row forward).
     """
 
     def __init__(self, *, max_batch_size: int = 16, max_request_cost: int = 16 * 1000 * 2,
@@ -359,21 +395,22 @@ class Engine:
 
     # ------------------------------------------------------------------ models
     def prepare(self, model: ServedModel, version: str | None = None) -> _Slot:
-        """Wrap ``model`` for the loop; with ``compile``, compile and warm up every bucket size (call it off the
-        loop thread: the swap itself is then instant)."""
+        """Wrap ``model`` for the loop (call it off the loop thread: the swap itself is then instant). With
+        ``compile``, compile and warm up every bucket size; with ``pack_ratio`` and no ``pack_rows``, time a
+        forward at each bucket size and calibrate the slot's ``pack_rows`` (:func:`calibrate_pack_rows`)."""
         unet = model.unet.eval()
-        if not self.compile:
-            return _Slot(model, version, unet, None)
-        forward = torch.compile(unet, dynamic=False)
         buckets = batch_buckets(self.max_batch_size)
-        c, s = int(model.channels), int(model.image_size)
-        with torch.no_grad():
+        forward = torch.compile(unet, dynamic=False) if self.compile else unet
+        slot = _Slot(model, version, forward, buckets if self.compile else None)
+        if self.compile:
             for b in buckets:  # warm-up: one compile per fixed size, none later
-                x = torch.zeros(b, c, s, s, device=model.device)
-                t = torch.zeros(b, dtype=torch.long, device=model.device)
-                kw = {"y": torch.zeros(b, dtype=torch.long, device=model.device)} if model.num_classes else {}
-                forward(x, t, **kw)
-        return _Slot(model, version, forward, buckets)
+                _time_forward(slot, b, repeats=0)
+        if self.pack_ratio is not None and self.pack_rows is None:
+            costs = {b: _time_forward(slot, b, repeats=3) for b in buckets}
+            slot.pack_rows = calibrate_pack_rows(costs)
+            log.info("engine: forward ms by rows %s -> pack_rows %d", {b: round(1000 * v, 2) for b, v in
+                                                                       costs.items()}, slot.pack_rows)
+        return slot
 
     def swap(self, model: ServedModel | _Slot, version: str | None = None) -> None:
         """Serve ``model`` for requests admitted from the next step boundary on (in-flight ones keep theirs)."""
@@ -420,7 +457,9 @@ class Engine:
         with self._lock:
             return {"loop_alive": self.alive, "model_loaded": self.model is not None, "version": self.version,
                     "active_requests": len(self._active) + len(self._inbox), "queued_cost": self._outstanding,
-                    "max_queue_cost": self.max_queue_cost, "last_error": self.last_error, **self.counts,
+                    "max_queue_cost": self.max_queue_cost, "pack_ratio": self.pack_ratio,
+                    "pack_rows": self.pack_rows or (self._current.pack_rows if self._current else None),
+                    "last_error": self.last_error, **self.counts,
                     "stats": self.stats.snapshot()}
 
     # ------------------------------------------------------------------ loop control
@@ -526,7 +565,7 @@ class Engine:
         if self.pack_ratio is not None:
             cheapest = min(r.spec.cost for r in mine)
             long_cost = self.pack_ratio * cheapest
-            cap = 0 if self.pack_rows is None else self.pack_rows
+            cap = self.pack_rows or slot.pack_rows or 1
         for req in mine:
             if room == 0:
                 break

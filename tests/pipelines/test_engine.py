@@ -19,6 +19,7 @@ from pipelines.engine import (
     TimedOut,
     TooCostly,
     batch_buckets,
+    calibrate_pack_rows,
     request_cost,
 )
 from pipelines.model_io import DiffusionSampler, diffusion_card
@@ -178,7 +179,7 @@ def test_pack_ratio_runs_short_requests_in_their_own_forwards(model):
     """Fill (default): a 1-row 2-step request shares both forwards with a 3-row 50-step one. pack_ratio=4: the
     short one runs alone (forwards of 1 row) while the long one waits, and joins again once it is starved."""
     for ratio, rows_with_short in ((None, [4, 4]), (4.0, [1, 1])):
-        e = engine_with(model, max_batch_size=16, pack_ratio=ratio, starve_after=3)
+        e = engine_with(model, max_batch_size=16, pack_ratio=ratio, pack_rows=1, starve_after=3)
         long = e.submit(SampleSpec(num_samples=3, seed=0, steps=50))
         e.step()
         short = e.submit(SampleSpec(num_samples=1, seed=1, steps=2))
@@ -250,8 +251,8 @@ def test_pack_rows_caps_long_requests_beside_short_ones_and_fills_when_they_are_
         assert (t.result(0).images - oracle(model, t.spec)).abs().max().item() < TOL
 
 
-def test_pack_rows_none_keeps_long_requests_out_until_they_are_starved(model):
-    e = engine_with(model, max_batch_size=16, pack_ratio=4.0, starve_after=2)
+def test_pack_rows_one_keeps_long_requests_out_until_they_are_starved(model):
+    e = engine_with(model, max_batch_size=16, pack_ratio=4.0, pack_rows=1, starve_after=2)
     e.submit(SampleSpec(num_samples=2, seed=0, sampler="ddpm", steps=50))
     e.step()
     e.submit(SampleSpec(num_samples=1, seed=1, steps=20))
@@ -259,6 +260,22 @@ def test_pack_rows_none_keeps_long_requests_out_until_they_are_starved(model):
     e.step()
     e.step()
     assert packed(e) == {0: 2, 1: 1}  # left out of 2 forwards: starved, it joins whatever the class
+
+
+def test_calibrate_pack_rows_takes_the_largest_forward_within_its_budget():
+    assert calibrate_pack_rows({1: 9.1, 2: 10.6, 4: 13.4, 8: 19.3, 16: 31.0}) == 8  # quickstart, 1 CPU thread
+    assert calibrate_pack_rows({1: 1.0, 2: 1.0, 4: 1.1, 8: 1.2, 16: 1.3}) == 16  # a GPU: fill
+    assert calibrate_pack_rows({1: 5.0, 2: 13.0, 4: 9.0}) == 1  # stops at the first size over the budget
+    assert calibrate_pack_rows({1: 5.0, 2: 9.0, 4: 12.0}, factor=3.0) == 4
+
+
+def test_prepare_calibrates_pack_rows_only_when_packing_by_size_without_a_fixed_cap(model):
+    assert Engine(pack_ratio=4.0).prepare(model).pack_rows in batch_buckets(16)
+    assert Engine(pack_ratio=4.0, pack_rows=3).prepare(model).pack_rows is None  # the engine's own cap applies
+    assert Engine().prepare(model).pack_rows is None
+    e = engine_with(model, max_batch_size=16, pack_ratio=4.0)
+    e.step()
+    assert e.health()["pack_rows"] in batch_buckets(16)
 
 
 def test_uniform_requests_at_any_progress_are_all_packed(model):
