@@ -214,11 +214,13 @@ async def mixed(url: str, long_steps: int, seconds: float) -> dict:
         await asyncio.sleep(min(2.0, seconds / 4))  # the long requests are in
         before, start = (await c.get(f"{url}/healthz")).json()["stats"], time.perf_counter()
         await asyncio.gather(*(loop(short, True) for _ in range(4)))
-        after, elapsed = (await c.get(f"{url}/healthz")).json()["stats"], time.perf_counter() - start
+        health, elapsed = (await c.get(f"{url}/healthz")).json(), time.perf_counter() - start
+        after = health["stats"]
         await until_cancelled(longs)  # disconnects: the server drops them
         await drained(c, url)
     p_idle, p_load = percentile(idle, 50), percentile(lat, 50)
-    return {"long_steps": long_steps, "ddim10_idle_p50_ms": round(1000 * p_idle, 1),
+    return {"long_steps": long_steps, "pack_ratio": health.get("pack_ratio"), "pack_rows": health.get("pack_rows"),
+            "ddim10_idle_p50_ms": round(1000 * p_idle, 1),
             "ddim10_p50_ms": round(1000 * p_load, 1), "ddim10_requests": len(lat),
             "ratio": round(p_load / p_idle, 2), "rows_per_s": round((after["rows"] - before["rows"]) / elapsed, 1),
             "long_rows_per_s": round((after["rows"] - before["rows"] - 10 * len(lat)) / elapsed, 1),
