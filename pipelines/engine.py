@@ -679,7 +679,7 @@ class Engine:
         cat = (lambda xs: xs[0]) if len(group) == 1 else torch.cat
         x, out = cat([r.x for r in group]), cat(outs)
         t, t_prev = torch.tensor(t, dtype=torch.long), torch.tensor(t_prev, dtype=torch.long)
-        noise = cat([z if z is not None else torch.zeros_like(r.x) for z, r in zip(noise, group)]) \
+        noise = cat([z if z is not None else torch.zeros_like(r.x) for z, r in zip(noise, group, strict=True)]) \
             if draws_any else None
         d, sizes = slot.model.diffusion, [r.n for r in group]
         if sampler == "ddpm":
