@@ -221,6 +221,10 @@ def test_one_vectorised_update_per_sampler_matches_each_core_loop(model, late):
     tickets += [e.submit(s) for s in GROUPED[1::2]]
     drain(e)
     for t in tickets:
+        alone = engine_with(model, max_batch_size=64)
+        single = alone.submit(t.spec)
+        drain(alone)  # the per-request path: every update a group of one
+        assert (t.result(0).images - single.result(0).images).abs().max().item() < TOL, t.spec
         assert (t.result(0).images - oracle(model, t.spec)).abs().max().item() < TOL, t.spec
     assert max(calls) >= 3  # requests were updated together, not one by one
 
