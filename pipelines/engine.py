@@ -557,7 +557,8 @@ class Engine:
 
         In fairness order; with ``pack_ratio`` a request is *long* when its cost exceeds ``pack_ratio`` times the
         cheapest active request's. Short and starved requests fill the forward up to ``max_batch_size``; a long,
-        not starved one only while the forward has fewer than ``pack_rows`` rows (None: never)."""
+        not starved one only while the forward has fewer than ``pack_rows`` rows (the engine's, else the
+        model's calibrated one, else 1)."""
         order = self._order()
         slot, room, used, chunks = order[0].slot, self.max_batch_size, 0, []
         mine = [r for r in order if r.slot is slot]
