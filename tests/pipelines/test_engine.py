@@ -13,6 +13,7 @@ from pipelines.config import DiffusionConfig
 from pipelines.engine import (
     Cancelled,
     Engine,
+    LoopStats,
     NotReady,
     Overloaded,
     SampleSpec,
@@ -350,6 +351,19 @@ def test_threaded_loop_not_ready_health_and_stop(model):
     assert not e.health()["loop_alive"]
     with pytest.raises(NotReady, match="not running"):
         e.submit(SampleSpec(num_samples=1, seed=0))
+
+
+def test_loop_stats_count_rows_and_split_forward_from_overhead(model):
+    e = engine_with(model, max_batch_size=4)
+    before = e.stats.snapshot()
+    e.submit(SampleSpec(num_samples=3, seed=0, steps=2, guidance_scale=2.0, class_labels=[1]))
+    drain(e)
+    after = e.stats.snapshot()
+    assert (after["forwards"], after["rows"]) == (4, 12) == (e.forwards, e.rows)  # 6 rows per step, bound 4
+    assert after["step_s"] >= after["forward_s"] > 0 and after["step_cpu_s"] >= after["forward_cpu_s"] > 0
+    period = LoopStats.period(before, after, seconds=after["step_s"])
+    assert period["forwards"] == 4 and period["mean_rows"] == 3.0 and period["busy"] == pytest.approx(1.0, abs=0.01)
+    assert period["overhead_ms"] >= 0 and period["step_gil_ms"] >= 0
 
 
 def test_batch_buckets():
