@@ -7,7 +7,9 @@ temporary MLflow registry and deploys the Serve app twice, ``serve.max_batch_siz
    concurrency, bounded by ``--seconds`` and ``--max-requests``; 1-image DDIM-20 requests. Images/s, p50/p99,
    errors by status, and the model-only bound measured in the same run, 16 / (steps x one batch-16 forward).
 Then, on the batched deployment only:
-2. **mixed**: 12 clients on DDPM-1000 and 4 on DDIM-10; the DDIM-10 p50 against its idle p50;
+2. **mixed**: 12 clients on DDPM-1000 and 4 on DDIM-10; the DDIM-10 p50 against its idle p50 (on a CPU the
+   batched deployment uses size-class packing, ``serve.pack_ratio`` 4, ``serve.pack_rows`` calibrated at load:
+   see ``pipelines/engine.py``; ``--fill`` turns it off);
 3. **aborted**: 3 clients give up on 16-image DDPM-1000 requests after 0.5 s; then one 2-step request's latency;
 4. **streams**: 6 streams of 16 images, DDPM-300, guidance 3; a 2-step request's latency while they run;
 5. **rollout**: 8 clients keep sending while @champion moves to a new version; failed requests and the time
@@ -39,6 +41,8 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 
+from pipelines.engine import LoopStats  # noqa: E402
+
 DEFAULT_OUT = str(Path(__file__).parent / "results" / "serve_load_cpu.json")
 
 
@@ -48,6 +52,34 @@ def percentile(xs: list[float], q: float) -> float:
         return float("nan")
     s = sorted(xs)
     return s[min(len(s) - 1, max(0, int(round(q / 100 * len(s) + 0.5)) - 1))]
+
+
+_GROUPS = (("ServeReplica", "replica"), ("ProxyActor", "proxy"), ("ServeController", "controller"),
+           ("raylet", "raylet"), ("gcs_server", "gcs"))
+
+
+def cpu_by_process() -> dict[str, float]:
+    """CPU seconds so far of this process (the load clients) and of its descendants (the Ray cluster it started),
+    grouped: replica, proxy, controller, raylet, gcs, other."""
+    import psutil
+
+    me = psutil.Process()
+    out = {"client": sum(me.cpu_times()[:2])}
+    for p in me.children(recursive=True):
+        try:
+            cmd, t = " ".join(p.cmdline()), sum(p.cpu_times()[:2])
+        except psutil.Error:
+            continue
+        group = next((g for key, g in _GROUPS if key in cmd), "other")
+        out[group] = out.get(group, 0.0) + t
+    return out
+
+
+def cpu_ms_per_request(before: dict[str, float], after: dict[str, float], requests: int) -> dict[str, float]:
+    """CPU milliseconds per request, by process group, between two :func:`cpu_by_process` snapshots."""
+    d = {k: round(1000 * (after.get(k, 0.0) - before.get(k, 0.0)) / max(1, requests), 2) for k in after}
+    d["total"] = round(sum(d.values()), 2)
+    return d
 
 
 async def closed_loop(url: str, concurrency: int, seconds: float, max_requests: int, body: dict) -> dict:
@@ -75,10 +107,12 @@ async def closed_loop(url: str, concurrency: int, seconds: float, max_requests: 
                 errors[status] = errors.get(status, 0) + 1
 
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    start = time.perf_counter()
     async with httpx.AsyncClient(timeout=600, limits=limits) as c:
+        before, cpu_before = (await c.get(f"{url}/healthz")).json()["stats"], cpu_by_process()
+        start = time.perf_counter()
         await asyncio.gather(*(client(c, k) for k in range(concurrency)))
-    elapsed = time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+        after, cpu_after = (await c.get(f"{url}/healthz")).json()["stats"], cpu_by_process()
     ok = len(latencies)
     return {
         "concurrency": concurrency, "requests": ok + sum(errors.values()), "ok": ok,
@@ -86,6 +120,8 @@ async def closed_loop(url: str, concurrency: int, seconds: float, max_requests: 
         "images_per_s": round(ok * body["num_samples"] / elapsed, 3),
         "p50_ms": round(1000 * percentile(latencies, 50), 1), "p99_ms": round(1000 * percentile(latencies, 99), 1),
         "mean_batch_size": round(statistics.fmean(batch_sizes), 2) if batch_sizes else None,
+        "engine": LoopStats.period(before, after, elapsed),  # rows per forward, forward vs overhead ms, busy
+        "cpu_ms_per_request": cpu_ms_per_request(cpu_before, cpu_after, ok + sum(errors.values())),
     }
 
 
@@ -116,7 +152,7 @@ def register_quickstart(workspace: Path, seed: int = 0, alias: str | None = "cha
     return base, facts, unet
 
 
-def model_only_bound(unet, batch: int, steps: int, threads: int, repeats: int = 5) -> dict:
+def model_only_bound(unet, batch: int, steps: int, threads: int, repeats: int = 10) -> dict:
     """Images/s of back-to-back batch-``batch`` UNet forwards, ``steps`` per image, in this process."""
     import torch
 
@@ -124,15 +160,18 @@ def model_only_bound(unet, batch: int, steps: int, threads: int, repeats: int = 
     unet.eval()
     x = torch.randn(batch, 1, 16, 16)
     t, y = torch.randint(0, 1000, (batch,)), torch.zeros(batch, dtype=torch.long)
-    times = []
+    times, cpu = [], []
     with torch.no_grad():
         for i in range(repeats + 1):
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.thread_time()
             unet(x, t, y=y)
             if i:
                 times.append(time.perf_counter() - start)
-    fwd = statistics.median(times)
-    return {"batch": batch, "forward_ms": round(fwd * 1000, 2), "images_per_s": round(batch / (steps * fwd), 3)}
+                cpu.append(time.thread_time() - start_cpu)
+    fwd, fwd_cpu = statistics.median(times), statistics.median(cpu)
+    # wall time is the bound; the CPU time tells how much of it other load on the machine took
+    return {"batch": batch, "forward_ms": round(fwd * 1000, 2), "forward_cpu_ms": round(fwd_cpu * 1000, 2),
+            "images_per_s": round(batch / (steps * fwd), 3)}
 
 
 async def one(c: httpx.AsyncClient, url: str, body: dict) -> tuple[int, float, dict | None]:
@@ -173,13 +212,19 @@ async def mixed(url: str, long_steps: int, seconds: float) -> dict:
         longs = [asyncio.create_task(loop({"num_samples": 1, "sampler": "ddpm", "steps": long_steps}, False))
                  for _ in range(12)]
         await asyncio.sleep(min(2.0, seconds / 4))  # the long requests are in
+        before, start = (await c.get(f"{url}/healthz")).json()["stats"], time.perf_counter()
         await asyncio.gather(*(loop(short, True) for _ in range(4)))
+        health, elapsed = (await c.get(f"{url}/healthz")).json(), time.perf_counter() - start
+        after = health["stats"]
         await until_cancelled(longs)  # disconnects: the server drops them
         await drained(c, url)
     p_idle, p_load = percentile(idle, 50), percentile(lat, 50)
-    return {"long_steps": long_steps, "ddim10_idle_p50_ms": round(1000 * p_idle, 1),
+    return {"long_steps": long_steps, "pack_ratio": health.get("pack_ratio"), "pack_rows": health.get("pack_rows"),
+            "ddim10_idle_p50_ms": round(1000 * p_idle, 1),
             "ddim10_p50_ms": round(1000 * p_load, 1), "ddim10_requests": len(lat),
-            "ratio": round(p_load / p_idle, 2), "target": "ratio <= 3"}
+            "ratio": round(p_load / p_idle, 2), "rows_per_s": round((after["rows"] - before["rows"]) / elapsed, 1),
+            "long_rows_per_s": round((after["rows"] - before["rows"] - 10 * len(lat)) / elapsed, 1),
+            "engine": LoopStats.period(before, after, elapsed), "target": "ratio <= 3"}
 
 
 async def aborted(url: str, long_steps: int) -> dict:
@@ -267,14 +312,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reload-interval", type=float, default=5.0, help="serve.reload_interval_s (rollout)")
     ap.add_argument("--scenarios", nargs="*", default=["mixed", "aborted", "streams", "rollout"],
                     help="scenarios after the load levels (on the batched deployment)")
+    ap.add_argument("--modes", nargs="+", choices=["batched", "unbatched"], default=["batched", "unbatched"],
+                    help="deployments to run (the ratios need both)")
     ap.add_argument("--quick", action="store_true", help="smoke run: small budgets, long requests of 50 steps")
     ap.add_argument("--pack-ratio", type=float, default=None,
-                    help="serve.pack_ratio (None: fill every forward; e.g. 4 on CPUs for short-request latency)")
+                    help="serve.pack_ratio of the batched deployment (default: 4 on a CPU, none with --use-gpu)")
+    ap.add_argument("--pack-rows", type=int, default=None,
+                    help="serve.pack_rows of the batched deployment (default: calibrated by the engine at load)")
+    ap.add_argument("--fill", action="store_true", help="no size classes: fill every forward (pack_ratio None)")
     ap.add_argument("--threads", type=int, default=None, help="serve.threads_per_replica (default: 1 per CPU)")
     ap.add_argument("--port", type=int, default=8765)
     ap.add_argument("--use-gpu", action="store_true")
     ap.add_argument("--out", default=DEFAULT_OUT)
     args = ap.parse_args(argv)
+    if not args.fill and not args.use_gpu:  # CPU: a forward's time grows with its rows (engine.py, Packing)
+        args.pack_ratio = 4.0 if args.pack_ratio is None else args.pack_ratio
+    if args.fill:
+        args.pack_ratio = args.pack_rows = None
     if args.quick:
         args.concurrency, args.seconds, args.max_requests = [1, 4], 3.0, 40
     long_steps = 50 if args.quick else 1000
@@ -299,9 +353,12 @@ def main(argv: list[str] | None = None) -> int:
         bound = model_only_bound(unet, args.batch_size, args.steps, args.threads or 1)
         scenarios: dict[str, dict] = {}
         for mode, batch in (("batched", args.batch_size), ("unbatched", 1)):
+            if mode not in args.modes:
+                continue
             overrides = [*base, f"serve.port={args.port}", f"serve.max_batch_size={batch}",
                          f"serve.reload_interval_s={args.reload_interval}",
-                         *([f"serve.pack_ratio={args.pack_ratio}"] if args.pack_ratio else []),
+                         *([f"serve.pack_ratio={args.pack_ratio}"] if args.pack_ratio and batch > 1 else []),
+                         *([f"serve.pack_rows={args.pack_rows}"] if args.pack_rows and batch > 1 else []),
                          f"serve.max_ongoing_requests={max(top, 64)}",
                          f"serve.max_queued_requests={max(top, 64)}", f"serve.use_gpu={str(args.use_gpu).lower()}"]
             if args.threads:
@@ -328,13 +385,14 @@ def main(argv: list[str] | None = None) -> int:
         return next((r["p50_ms"] for r in results if r["mode"] == mode and r["concurrency"] == c), None)
 
     speedups = {str(c): round(ips("batched", c) / ips("unbatched", c), 2)
-                for c in args.concurrency if ips("unbatched", c)}
+                for c in args.concurrency if ips("unbatched", c) and ips("batched", c)}
     c_hi = 16 if 16 in args.concurrency else max(args.concurrency)
     checks = {
         "c1_p50_batched_over_unbatched": round(p50("batched", 1) / p50("unbatched", 1), 3)
-        if 1 in args.concurrency else None,
+        if p50("batched", 1) and p50("unbatched", 1) else None,
         f"c{c_hi}_throughput_batched_over_unbatched": speedups.get(str(c_hi)),
-        f"c{c_hi}_throughput_over_model_only_bound": round(ips("batched", c_hi) / bound["images_per_s"], 3),
+        f"c{c_hi}_throughput_over_model_only_bound": round(ips("batched", c_hi) / bound["images_per_s"], 3)
+        if ips("batched", c_hi) else None,
         "targets": "c1 p50 ratio <= 1.15; c16 >= 3x unbatched and >= 0.75 of the model-only bound",
     }
     report = {
@@ -344,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         "request": body, "seconds_per_level": args.seconds, "max_requests_per_level": args.max_requests,
         "quick": args.quick, "results": results, "speedup_batched_over_unbatched": speedups,
         "model_only_bound": bound, "checks": checks, "scenarios": scenarios,
-        "threads_per_replica": args.threads or 1, "pack_ratio": args.pack_ratio,
+        "threads_per_replica": args.threads or 1, "pack_ratio": args.pack_ratio, "pack_rows": args.pack_rows,
         "loadavg_at_start": load_at_start, "loadavg_at_end": os.getloadavg(),
     }
     out = Path(args.out)
@@ -380,11 +438,16 @@ def run_scenarios(url: str, args, ws: Path, long_steps: int, stream_steps: int) 
 
 
 def table(results: list[dict], bound: dict) -> str:
-    head = f"{'mode':<10}{'c':>4}{'img/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'batch':>7}{'errors':>7}"
+    head = (f"{'mode':<10}{'c':>4}{'img/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'batch':>7}{'errors':>7}"
+            f"{'rows/fw':>9}{'fw ms':>8}{'fw cpu':>8}{'ovh ms':>8}{'runq':>7}{'gil':>7}{'busy':>6}")
     lines = [head, "-" * len(head)]
     for r in results:
+        e = r.get("engine", {})
         lines.append(f"{r['mode']:<10}{r['concurrency']:>4}{r['images_per_s']:>9.2f}{r['p50_ms']:>9.1f}"
-                     f"{r['p99_ms']:>9.1f}{(r['mean_batch_size'] or 0):>7.1f}{r['errors']:>7}")
+                     f"{r['p99_ms']:>9.1f}{(r['mean_batch_size'] or 0):>7.1f}{r['errors']:>7}"
+                     f"{e.get('mean_rows', 0):>9.2f}{e.get('forward_ms', 0):>8.1f}{e.get('forward_cpu_ms', 0):>8.1f}"
+                     f"{e.get('overhead_ms', 0):>8.2f}{e.get('step_runq_ms', 0):>7.1f}{e.get('step_gil_ms', 0):>7.1f}"
+                     f"{e.get('busy', 0):>6.2f}")
     lines.append(f"model-only bound at batch {bound['batch']}: {bound['images_per_s']} img/s "
                  f"({bound['forward_ms']} ms per forward)")
     return "\n".join(lines)

@@ -287,9 +287,14 @@ class ServeConfig(_Section):
         "background and swapped in between steps (0: never).")
     compile: bool = Field(False, description="torch.compile the UNet (warm-up per padded batch size, no recompiles).")
     pack_ratio: float | None = Field(
-        None, ge=1, description="None: fill every UNet forward up to max_batch_size (GPUs). A number: a forward only "
-        "packs requests whose remaining work is at most this times the shortest one's (CPUs, where a forward's time "
-        "grows with its rows: short requests then run in small, fast forwards; starved ones always join).")
+        None, ge=1, description="None: fill every UNet forward up to max_batch_size (GPUs). A number: a request "
+        "costing more than this times the cheapest active one is long, and fills a forward only up to pack_rows rows "
+        "(CPUs, where a forward's time grows with its rows: short requests then run in small, fast forwards; starved "
+        "ones always join).")
+    pack_rows: int | None = Field(
+        None, ge=1, description="With pack_ratio: rows up to which long requests fill a forward beside short ones "
+        "(1: only when starved; None: measured at model load, the largest batch whose forward costs <= 2.5x a 1-row "
+        "one).")
     max_ongoing_requests: int = Field(256, ge=1, description="Per replica, HTTP requests held (streams included).")
     keep_alive: bool = Field(False, description="Keep serving after the deploy stage (local runs).")
     max_queued_requests: int = Field(

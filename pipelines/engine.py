@@ -20,11 +20,23 @@ same order as ``diffusion_core.samplers.sample`` with ``generator=[g] * n`` (so 
 Fairness: least remaining work first (remaining rows x steps, x2 when guided), with aging. Serving the request
 that will finish soonest minimises mean latency (shortest-remaining-processing-time) and keeps a 2-step request
 from waiting behind a thousand-step one; a request left out of ``starve_after`` consecutive forwards goes first, so
-long requests are never starved by a stream of short ones. By default packing is work-conserving: the forward
-is filled up to the bound in that order, so when the active rows fit every request advances at every forward
-(right for a GPU, where a forward of 16 rows costs about one of 1). On a CPU a forward's time grows with its
-rows, so ``pack_ratio`` can restrict a forward to requests whose remaining work is at most ``pack_ratio`` times
-the first one's (starved requests always join): short requests then run in small, fast forwards.
+long requests are never starved by a stream of short ones.
+
+Packing: by default it is work-conserving: the forward is filled up to the bound in that order, so when the active
+rows fit every request advances at every forward. That is right for a GPU, where a forward of 16 rows costs about
+one of 1. On a CPU a forward's time grows with its rows (quickstart UNet, 1 thread: batch 16 costs ~3.4x batch 1),
+and a short request sharing forwards with many long ones pays that factor at each of its steps: 12 DDPM-1000 rows
+beside 4 DDIM-10 rows make every DDIM step a 16-row forward. ``pack_ratio`` splits requests by size: a request
+costing more than ``pack_ratio`` x the cheapest active request's cost is *long*. Short requests (and starved
+ones) fill the forward; long ones fill it only up to ``pack_rows`` rows. So while short requests are active a
+forward has at most max(short rows, ``pack_rows``) rows plus starved ones, and a short request's step costs about
+one ``pack_rows``-row forward instead of a full one; long requests keep advancing, ``pack_rows`` - (short rows) of
+them per forward in least-remaining order, the rest within ``starve_after`` + 1 forwards (aging). When all active
+requests are of similar size (e.g. uniform 1-image requests at any progress) none is long and every forward is
+full: the class is by request size, not progress, so throughput under uniform load is untouched. Choose
+``pack_rows`` is the forward size that costs at most ~2.5x a 1-row forward on the device: by default (None) the
+engine measures it when it prepares a model (:func:`calibrate_pack_rows`; 8 for the quickstart UNet on one quiet
+CPU thread, less on a loaded machine where big forwards slow down more); a GPU needs no ``pack_ratio`` at all.
 
 Cost: rows x steps (x2 with guidance). A request over ``max_request_cost`` is refused (:class:`TooCostly`);
 the outstanding cost of all admitted requests is bounded by ``max_queue_cost`` (:class:`Overloaded`).
@@ -50,7 +62,7 @@ from diffusion_core.steps import ddim_step, ddpm_step, dpm_solver_step, guided_o
 log = logging.getLogger(__name__)
 
 __all__ = ["SampleSpec", "SampleResult", "Ticket", "Engine", "EngineError", "TooCostly", "Overloaded",
-           "NotReady", "Cancelled", "TimedOut", "request_cost", "batch_buckets"]
+           "NotReady", "Cancelled", "TimedOut", "LoopStats", "request_cost", "batch_buckets", "calibrate_pack_rows"]
 
 
 # ---------------------------------------------------------------------------------------------- errors
@@ -176,19 +188,122 @@ def batch_buckets(max_batch_size: int) -> list[int]:
     return sorted({1 << k for k in range(max(1, b).bit_length()) if (1 << k) < b} | {b})
 
 
+def calibrate_pack_rows(forward_s: dict[int, float], factor: float = 2.5) -> int:
+    """The largest batch b, scanning measured sizes upwards, whose forward costs at most ``factor`` x a 1-row
+    forward: a short request sharing forwards of b rows steps at <= ``factor`` x its idle step time, which with
+    the fixed per-request costs (HTTP, encoding) and the starved requests' occasional full forwards keeps it
+    under 3x its idle latency."""
+    rows = 1
+    for b in sorted(forward_s):
+        if forward_s[b] > factor * forward_s[min(forward_s)]:
+            break
+        rows = b
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------- internals
+_SCHEDSTAT = "/proc/thread-self/schedstat"
+
+
+def runq_seconds() -> float:
+    """Seconds this thread has been runnable but waiting for a CPU (Linux schedstat; 0 elsewhere)."""
+    try:
+        with open(_SCHEDSTAT, "rb") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+@dataclass
+class LoopStats:
+    """Where the loop's time goes, summed since start: wall and loop-thread CPU seconds of the UNet forwards and
+    of whole iterations (pack + inputs + forward + updates). Diff two :meth:`snapshot` s to see one period:
+    ``mean_rows`` < the bound means rows were missing; wall >> CPU means the loop waited: for a CPU (``runq``:
+    runnable but not running, from Linux's schedstat; other processes) or for the GIL (the rest: other threads of
+    this process); step - forward is the engine's own per-step overhead."""
+
+    forwards: int = 0
+    rows: int = 0
+    forward_s: float = 0.0
+    forward_cpu_s: float = 0.0
+    step_s: float = 0.0
+    step_cpu_s: float = 0.0
+    step_runq_s: float = 0.0
+
+    def forward(self, wall: float, cpu: float) -> None:
+        self.forward_s += wall
+        self.forward_cpu_s += cpu
+
+    def step(self, rows: int, wall: float, cpu: float, runq: float) -> None:
+        self.forwards += 1
+        self.rows += rows
+        self.step_s += wall
+        self.step_cpu_s += cpu
+        self.step_runq_s += runq
+
+    def snapshot(self) -> dict[str, float]:
+        return {"forwards": self.forwards, "rows": self.rows, "forward_s": round(self.forward_s, 4),
+                "forward_cpu_s": round(self.forward_cpu_s, 4), "step_s": round(self.step_s, 4),
+                "step_cpu_s": round(self.step_cpu_s, 4), "step_runq_s": round(self.step_runq_s, 4)}
+
+    @staticmethod
+    def period(before: dict[str, float], after: dict[str, float], seconds: float | None = None) -> dict[str, Any]:
+        """Per-forward means between two snapshots (ms), and the loop's busy fraction of ``seconds``."""
+        d = {k: after[k] - before[k] for k in after}
+        f = max(1, d["forwards"])
+        out = {"forwards": d["forwards"], "mean_rows": round(d["rows"] / f, 2),
+               "forward_ms": round(1000 * d["forward_s"] / f, 2),
+               "forward_cpu_ms": round(1000 * d["forward_cpu_s"] / f, 2),
+               "overhead_ms": round(1000 * (d["step_s"] - d["forward_s"]) / f, 2),
+               "overhead_cpu_ms": round(1000 * (d["step_cpu_s"] - d["forward_cpu_s"]) / f, 2),
+               "step_ms": round(1000 * d["step_s"] / f, 2), "step_cpu_ms": round(1000 * d["step_cpu_s"] / f, 2),
+               "step_runq_ms": round(1000 * d.get("step_runq_s", 0.0) / f, 2)}
+        out["step_gil_ms"] = round(max(0.0, out["step_ms"] - out["step_cpu_ms"] - out["step_runq_ms"]), 2)
+        if seconds:
+            out["busy"] = round(d["step_s"] / seconds, 3)
+        return out
+
+
 @dataclass
 class _Slot:
-    """A loaded model version and its forward function (compiled or not)."""
+    """A loaded model version and its forward function (compiled or not), with the model facts the loop reads
+    every step cached (a served model's properties may be costly: ``DiffusionSampler.num_classes`` copies the
+    UNet config)."""
 
     model: ServedModel
     version: str | None
     forward: Callable[..., torch.Tensor]
     buckets: list[int] | None  # pad forwards to these sizes (compiled models), else None
+    null: int = field(init=False)  # the unconditional label (= num_classes); 0 for an unconditional model
+    channels: int = field(init=False)
+    pack_rows: int | None = None  # calibrated by Engine.prepare when the engine has pack_ratio but no pack_rows
+
+    def __post_init__(self) -> None:
+        self.null, self.channels = int(self.model.num_classes), int(self.model.channels)
 
     @property
     def conditional(self) -> bool:
-        return int(self.model.num_classes) > 0
+        return self.null > 0
+
+
+def _time_forward(slot: _Slot, rows: int, repeats: int) -> float:
+    """Median wall seconds of ``repeats`` forwards of ``rows`` zero rows (after one untimed warm-up)."""
+    m = slot.model
+    x = torch.zeros(rows, slot.channels, int(m.image_size), int(m.image_size), device=m.device)
+    t = torch.zeros(rows, dtype=torch.long, device=m.device)
+    kw = {"y": torch.full((rows,), slot.null, dtype=torch.long, device=m.device)} if slot.conditional else {}
+    times = []
+    with torch.no_grad():
+        for i in range(repeats + 1):
+            if m.device.type == "cuda":
+                torch.cuda.synchronize(m.device)
+            start = time.perf_counter()
+            slot.forward(x, t, **kw)
+            if m.device.type == "cuda":
+                torch.cuda.synchronize(m.device)
+            if i:
+                times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2] if times else 0.0
 
 
 _seq = itertools.count()
@@ -203,7 +318,9 @@ class _Request:
     ts: list[int]  # original step indices, strictly decreasing
     x: torch.Tensor  # [n, C, H, W] on the model's device
     g: torch.Generator
-    labels: torch.Tensor | None  # [n] on the device, None for an unconditional model
+    labels: torch.Tensor | None  # [fw_rows] on the device: labels, then null labels for the guided half; None
+    n: int = 0  # images
+    mult: int = 1  # forward rows per image: 2 with classifier-free guidance
     seq: int = field(default_factory=lambda: next(_seq))
     pos: int = 0
     filled: int = 0  # forward rows with a model output for the current step
@@ -217,14 +334,6 @@ class _Request:
     @property
     def spec(self) -> SampleSpec:
         return self.ticket.spec
-
-    @property
-    def n(self) -> int:
-        return self.x.shape[0]
-
-    @property
-    def mult(self) -> int:
-        return 2 if self.spec.guided else 1
 
     @property
     def fw_rows(self) -> int:
@@ -249,13 +358,17 @@ class Engine:
     :param request_timeout_s: default deadline of a request (None: none).
     :param compile: torch.compile each model and pad forwards to :func:`batch_buckets` (no recompiles).
     :param starve_after: forwards a request may be left out of before it goes first.
-    :param pack_ratio: None (fill every forward) or the most remaining work, relative to the first request's, of
-        requests packed with it.
+    :param pack_ratio: None (fill every forward) or the cost ratio beyond which a request is *long*: costlier than
+        ``pack_ratio`` x the cheapest active request.
+    :param pack_rows: with ``pack_ratio``, the rows up to which long requests may fill a forward that short ones
+        leave room in (1: long requests join only when starved; None: calibrated per model by :meth:`prepare`,
+        the largest bucket size whose forward costs at most 2.5x a 1-row forward).
     """
 
     def __init__(self, *, max_batch_size: int = 16, max_request_cost: int = 16 * 1000 * 2,
                  max_queue_cost: int | None = None, request_timeout_s: float | None = None,
-                 compile: bool = False, starve_after: int = 8, pack_ratio: float | None = None) -> None:
+                 compile: bool = False, starve_after: int = 8, pack_ratio: float | None = None,
+                 pack_rows: int | None = None) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.max_batch_size = int(max_batch_size)
@@ -265,6 +378,7 @@ class Engine:
         self.compile = bool(compile)
         self.starve_after = int(starve_after)
         self.pack_ratio = pack_ratio
+        self.pack_rows = pack_rows
         self._lock = threading.Condition()
         self._inbox: list[Ticket] = []
         self._active: list[_Request] = []
@@ -275,26 +389,28 @@ class Engine:
         self._stop = False
         self.forwards = 0  # UNet forwards run (for benchmarks and tests)
         self.rows = 0  # real rows in them
+        self.stats = LoopStats()
         self.last_error: str | None = None
         self.counts = {"completed": 0, "cancelled": 0, "timed_out": 0, "failed": 0}  # requests, by outcome
 
     # ------------------------------------------------------------------ models
     def prepare(self, model: ServedModel, version: str | None = None) -> _Slot:
-        """Wrap ``model`` for the loop; with ``compile``, compile and warm up every bucket size (call it off the
-        loop thread: the swap itself is then instant)."""
+        """Wrap ``model`` for the loop (call it off the loop thread: the swap itself is then instant). With
+        ``compile``, compile and warm up every bucket size; with ``pack_ratio`` and no ``pack_rows``, time a
+        forward at each bucket size and calibrate the slot's ``pack_rows`` (:func:`calibrate_pack_rows`)."""
         unet = model.unet.eval()
-        if not self.compile:
-            return _Slot(model, version, unet, None)
-        forward = torch.compile(unet, dynamic=False)
         buckets = batch_buckets(self.max_batch_size)
-        c, s = int(model.channels), int(model.image_size)
-        with torch.no_grad():
+        forward = torch.compile(unet, dynamic=False) if self.compile else unet
+        slot = _Slot(model, version, forward, buckets if self.compile else None)
+        if self.compile:
             for b in buckets:  # warm-up: one compile per fixed size, none later
-                x = torch.zeros(b, c, s, s, device=model.device)
-                t = torch.zeros(b, dtype=torch.long, device=model.device)
-                kw = {"y": torch.zeros(b, dtype=torch.long, device=model.device)} if model.num_classes else {}
-                forward(x, t, **kw)
-        return _Slot(model, version, forward, buckets)
+                _time_forward(slot, b, repeats=0)
+        if self.pack_ratio is not None and self.pack_rows is None:
+            costs = {b: _time_forward(slot, b, repeats=3) for b in buckets}
+            slot.pack_rows = calibrate_pack_rows(costs)
+            log.info("engine: forward ms by rows %s -> pack_rows %d", {b: round(1000 * v, 2) for b, v in
+                                                                       costs.items()}, slot.pack_rows)
+        return slot
 
     def swap(self, model: ServedModel | _Slot, version: str | None = None) -> None:
         """Serve ``model`` for requests admitted from the next step boundary on (in-flight ones keep theirs)."""
@@ -341,7 +457,10 @@ class Engine:
         with self._lock:
             return {"loop_alive": self.alive, "model_loaded": self.model is not None, "version": self.version,
                     "active_requests": len(self._active) + len(self._inbox), "queued_cost": self._outstanding,
-                    "max_queue_cost": self.max_queue_cost, "last_error": self.last_error, **self.counts}
+                    "max_queue_cost": self.max_queue_cost, "pack_ratio": self.pack_ratio,
+                    "pack_rows": self.pack_rows or (self._current.pack_rows if self._current else None),
+                    "last_error": self.last_error, **self.counts,
+                    "stats": self.stats.snapshot()}
 
     # ------------------------------------------------------------------ loop control
     @property
@@ -421,8 +540,12 @@ class Engine:
             x = randn(shape, generator=[g] * spec.num_samples, device=m.device, dtype=torch.float32)
         except Exception as e:  # a bound the caller's validation missed: fail this request only
             return self._release(ticket, spec.cost, EngineError(f"{type(e).__name__}: {e}"))
-        self._active.append(_Request(ticket=ticket, slot=slot, ts=ts, x=x, g=g,
-                                     labels=None if labels is None else labels.to(m.device)))
+        mult = 2 if spec.guided else 1
+        if labels is not None:  # forward rows: conditional rows, then (guided) the same images' null-label rows
+            labels = labels.to(m.device)
+            labels = torch.cat([labels, torch.full_like(labels, slot.null)]) if mult == 2 else labels
+        self._active.append(_Request(ticket=ticket, slot=slot, ts=ts, x=x, g=g, labels=labels,
+                                     n=spec.num_samples, mult=mult))
 
     # ------------------------------------------------------------------ packing
     def _order(self) -> list[_Request]:
@@ -430,53 +553,65 @@ class Engine:
         return sorted(self._active, key=lambda r: (r.skipped < self.starve_after, r.remaining, r.seq))
 
     def _pack(self) -> tuple[_Slot, list[tuple[_Request, int, int]]]:
-        """Choose (request, first forward row, rows) chunks for one forward of one model version."""
+        """Choose (request, first forward row, rows) chunks for one forward of one model version.
+
+        In fairness order; with ``pack_ratio`` a request is *long* when its cost exceeds ``pack_ratio`` times the
+        cheapest active request's. Short and starved requests fill the forward up to ``max_batch_size``; a long,
+        not starved one only while the forward has fewer than ``pack_rows`` rows (the engine's, else the
+        model's calibrated one, else 1)."""
         order = self._order()
-        slot, room, chunks = order[0].slot, self.max_batch_size, []
-        limit = None if self.pack_ratio is None else self.pack_ratio * order[0].remaining
-        for req in order:
+        slot, room, used, chunks = order[0].slot, self.max_batch_size, 0, []
+        mine = [r for r in order if r.slot is slot]
+        cap = self.max_batch_size
+        if self.pack_ratio is not None:
+            cheapest = min(r.spec.cost for r in mine)
+            long_cost = self.pack_ratio * cheapest
+            cap = self.pack_rows or slot.pack_rows or 1
+        for req in mine:
             if room == 0:
                 break
-            if req.slot is not slot:
-                continue
-            if limit is not None and req.remaining > limit and req.skipped < self.starve_after:
-                continue
-            k = min(room, req.fw_rows - req.filled)
-            chunks.append((req, req.filled, k))
-            room -= k
+            need = req.fw_rows - req.filled
+            if self.pack_ratio is not None and req.spec.cost > long_cost and req.skipped < self.starve_after:
+                need = min(need, max(0, cap - used))  # a long request fills only up to pack_rows
+            k = min(room, need)
+            if k:
+                chunks.append((req, req.filled, k))
+                room, used = room - k, used + k
         return slot, chunks
 
     def _inputs(self, slot: _Slot, chunks) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Stack the chunks' x, per-row t and labels (guided requests: cond rows, then null-label rows)."""
+        """Stack the chunks' x, per-row t and labels (guided requests: cond rows, then null-label rows). A chunk
+        is a slice of its request's forward rows, so it costs one view, not a gather; t is built from a list."""
         xs, ts, ys = [], [], []
-        null = int(slot.model.num_classes)
         for req, start, k in chunks:
-            rows = torch.arange(start, start + k) % req.n
-            xs.append(req.x[rows.to(req.x.device)])
-            ts.append(torch.full((k,), req.ts[req.pos], dtype=torch.long))
+            x = req.x if req.mult == 1 else torch.cat([req.x, req.x])  # both halves of a guided request see x
+            xs.append(x if (start, k) == (0, x.shape[0]) else x[start:start + k])
+            ts.extend([req.ts[req.pos]] * k)
             if slot.conditional:
-                y = req.labels[rows.to(req.labels.device)].clone()
-                y[torch.arange(start, start + k, device=y.device) >= req.n] = null  # unconditional half
-                ys.append(y)
+                ys.append(req.labels[start:start + k])
         device = slot.model.device
-        x, t = torch.cat(xs), torch.cat(ts).to(device)
-        y = torch.cat(ys) if ys else None
+        x = xs[0] if len(xs) == 1 else torch.cat(xs)
+        t = torch.tensor(ts, dtype=torch.long, device=device)
+        y = (ys[0] if len(ys) == 1 else torch.cat(ys)) if ys else None
         if slot.buckets is not None:  # pad to a fixed size: a compiled model never sees a new shape
             size = next(b for b in slot.buckets if b >= x.shape[0])
             pad = size - x.shape[0]
             if pad:
                 x = torch.cat([x, x.new_zeros(pad, *x.shape[1:])])
                 t = torch.cat([t, t.new_zeros(pad)])
-                y = None if y is None else torch.cat([y, y.new_full((pad,), null)])
+                y = None if y is None else torch.cat([y, y.new_full((pad,), slot.null)])
         return x, t, y
 
     def _forward_and_update(self) -> None:
+        clock, cpu, runq = time.perf_counter(), time.thread_time(), runq_seconds()
         slot, chunks = self._pack()
         real = sum(k for _, _, k in chunks)
         try:
             x, t, y = self._inputs(slot, chunks)
+            f_clock, f_cpu = time.perf_counter(), time.thread_time()
             with torch.no_grad():
                 out = slot.forward(x, t, y=y) if y is not None else slot.forward(x, t)
+            self.stats.forward(time.perf_counter() - f_clock, time.thread_time() - f_cpu)
         except Exception as e:  # a model fault fails the requests of this forward only
             self.last_error = f"{type(e).__name__}: {e}"
             log.exception("engine: forward failed")
@@ -491,9 +626,12 @@ class Engine:
             req.skipped = 0 if id(req) in included else req.skipped + 1
         i = 0
         for req, start, k in chunks:
-            if req.out is None:
-                req.out = out.new_empty(req.fw_rows, *out.shape[1:])
-            req.out[start:start + k] = out[i:i + k]
+            if k == req.fw_rows:  # the whole step in this forward (the common case): a view, no copy
+                req.out = out[i:i + k]
+            else:
+                if req.out is None:
+                    req.out = out.new_empty(req.fw_rows, *out.shape[1:])
+                req.out[start:start + k] = out[i:i + k]
             i += k
             req.filled += k
             req.batch_size = max(req.batch_size, real)
@@ -512,40 +650,48 @@ class Engine:
                 continue
             for req, x0 in zip(group, x0s, strict=True):
                 self._advanced(req, x0)
+        self.stats.step(real, time.perf_counter() - clock, time.thread_time() - cpu, runq_seconds() - runq)
 
     # ------------------------------------------------------------------ per-request update
     def _update(self, group: list[_Request]) -> list[torch.Tensor]:
-        """Each request's own step t -> t_prev from its model outputs (diffusion_core.steps), for requests of one
-        model and sampler stacked row-wise; returns each request's x0 prediction."""
-        m, sampler = group[0].slot.model, group[0].spec.sampler
-        outs, t, t_prev, noise, eta, second, prev, h_prev = [], [], [], [], [], [], [], []
+        """Each request's own step t -> t_prev from its model outputs (diffusion_core.steps), for the requests of
+        one model and sampler stacked row-wise into ONE call of the step function; returns each request's x0.
+
+        Per-row scalars (t, t_prev, eta, DPM-Solver++ order) are gathered as Python lists and become one tensor
+        each; only the noise is drawn per request (from its own generator, so batch-mates never shift it)."""
+        slot, sampler = group[0].slot, group[0].spec.sampler
+        t, t_prev, eta, second, outs, noise, draws_any = [], [], [], [], [], [], False
         for req in group:
-            n, out = req.n, req.out
+            n, out, last = req.n, req.out, req.pos == len(req.ts) - 1
             if req.mult == 2:  # classifier-free guidance on the eps channels
-                out = guided_output(out[:n], out[n:], float(req.spec.guidance_scale), int(m.channels))
+                out = guided_output(out[:n], out[n:], float(req.spec.guidance_scale), slot.channels)
             outs.append(out)
-            last = req.pos == len(req.ts) - 1
-            t.append(torch.full((n,), req.ts[req.pos], dtype=torch.long))
-            t_prev.append(torch.full((n,), -1 if last else req.ts[req.pos + 1], dtype=torch.long))
+            t.extend([req.ts[req.pos]] * n)
+            t_prev.extend([-1 if last else req.ts[req.pos + 1]] * n)
             # noise drawn per row from the request's own generator, rows in order, exactly when the core loops
             # draw it (every ddpm step but the last, every ddim step with eta > 0); zeros where it is unused
             draws = (sampler == "ddpm" and not last) or (sampler == "ddim" and req.spec.eta != 0)
+            draws_any |= draws
             noise.append(randn(req.x.shape, generator=[req.g] * n, device=req.x.device, dtype=req.x.dtype)
-                         if draws else torch.zeros_like(req.x))
-            eta.append(torch.full((n,), float(req.spec.eta), dtype=torch.float64))
+                         if draws else None)
+            eta.extend([float(req.spec.eta)] * n)
             # DPM-Solver++(2M) with lower_order_final, as samplers.dpm_solver_sample_progressive
-            second.append(torch.full((n,), req.prev_x0 is not None and req.pos != len(req.ts) - 2))
-            prev.append(req.prev_x0 if req.prev_x0 is not None else torch.zeros_like(req.x))
-            h_prev.append(req.h_prev if req.h_prev is not None else torch.full((n,), math.nan, dtype=torch.float64))
-        x, out, t, t_prev = torch.cat([r.x for r in group]), torch.cat(outs), torch.cat(t), torch.cat(t_prev)
-        d, sizes = m.diffusion, [r.n for r in group]
+            second.extend([req.prev_x0 is not None and req.pos != len(req.ts) - 2] * n)
+        cat = (lambda xs: xs[0]) if len(group) == 1 else torch.cat
+        x, out = cat([r.x for r in group]), cat(outs)
+        t, t_prev = torch.tensor(t, dtype=torch.long), torch.tensor(t_prev, dtype=torch.long)
+        noise = cat([z if z is not None else torch.zeros_like(r.x) for z, r in zip(noise, group, strict=True)]) \
+            if draws_any else None
+        d, sizes = slot.model.diffusion, [r.n for r in group]
         if sampler == "ddpm":
-            x, x0 = ddpm_step(d, x, t, t_prev, out, torch.cat(noise))
+            x, x0 = ddpm_step(d, x, t, t_prev, out, noise)
         elif sampler == "ddim":
-            eta = torch.cat(eta)
-            x, x0 = ddim_step(d, x, t, t_prev, out, eta, torch.cat(noise) if bool((eta != 0).any()) else None)
+            x, x0 = ddim_step(d, x, t, t_prev, out, torch.tensor(eta, dtype=torch.float64), noise)
         else:
-            x, x0, h = dpm_solver_step(d, x, t, t_prev, out, torch.cat(prev), torch.cat(h_prev), torch.cat(second))
+            prev = cat([r.prev_x0 if r.prev_x0 is not None else torch.zeros_like(r.x) for r in group])
+            h_prev = cat([r.h_prev if r.h_prev is not None else torch.full((r.n,), math.nan, dtype=torch.float64)
+                          for r in group])
+            x, x0, h = dpm_solver_step(d, x, t, t_prev, out, prev, h_prev, torch.tensor(second))
             for req, x0_r, h_r in zip(group, x0.split(sizes), h.split(sizes), strict=True):
                 req.prev_x0, req.h_prev = x0_r, h_r
         for req, x_r in zip(group, x.split(sizes), strict=True):
@@ -556,6 +702,7 @@ class Engine:
         """Bookkeeping after a request's step: position, queue cost, previews, done."""
         req.pos += 1
         req.filled = 0
+        req.out = None
         with self._lock:
             self._outstanding -= req.fw_rows
         k = req.spec.preview_every

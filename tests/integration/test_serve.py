@@ -132,6 +132,11 @@ def test_healthz_and_model_info(served):
     health = requests.get(f"{url}/healthz", timeout=30).json()
     assert health["status"] == "ok" and health["loop_alive"] and health["model_loaded"] and health["version"] == "1"
     assert health["queued_cost"] >= 0 and health["max_queue_cost"] == QUEUE_COST
+    before = health["stats"]
+    assert requests.post(f"{url}/v1/generate", json={"num_samples": 2, "steps": 3, "seed": 0}, timeout=120).ok
+    after = requests.get(f"{url}/healthz", timeout=30).json()["stats"]
+    assert after["forwards"] - before["forwards"] >= 3 and after["rows"] - before["rows"] >= 6  # the loop's split
+    assert after["step_s"] >= after["forward_s"] > before["forward_s"]
     info = requests.get(f"{url}/v1/model", timeout=30).json()
     assert info["name"] == "serve-tiny" and info["version"] == "1" and info["run_id"]
     assert (info["image_size"], info["channels"], info["num_classes"]) == (8, 1, 10)

@@ -13,12 +13,14 @@ from pipelines.config import DiffusionConfig
 from pipelines.engine import (
     Cancelled,
     Engine,
+    LoopStats,
     NotReady,
     Overloaded,
     SampleSpec,
     TimedOut,
     TooCostly,
     batch_buckets,
+    calibrate_pack_rows,
     request_cost,
 )
 from pipelines.model_io import DiffusionSampler, diffusion_card
@@ -178,7 +180,7 @@ def test_pack_ratio_runs_short_requests_in_their_own_forwards(model):
     """Fill (default): a 1-row 2-step request shares both forwards with a 3-row 50-step one. pack_ratio=4: the
     short one runs alone (forwards of 1 row) while the long one waits, and joins again once it is starved."""
     for ratio, rows_with_short in ((None, [4, 4]), (4.0, [1, 1])):
-        e = engine_with(model, max_batch_size=16, pack_ratio=ratio, starve_after=3)
+        e = engine_with(model, max_batch_size=16, pack_ratio=ratio, pack_rows=1, starve_after=3)
         long = e.submit(SampleSpec(num_samples=3, seed=0, steps=50))
         e.step()
         short = e.submit(SampleSpec(num_samples=1, seed=1, steps=2))
@@ -190,6 +192,114 @@ def test_pack_ratio_runs_short_requests_in_their_own_forwards(model):
         assert sizes == rows_with_short and short.result(0).batch_size == max(rows_with_short)
         drain(e)
         assert (long.result(0).images - oracle(model, long.spec)).abs().max().item() < TOL
+
+
+# Requests of one sampler whose rows sit at different points of the grouped update: eta 0 beside eta > 0 (zero
+# noise rows), a DDPM request at its last step beside ones that still draw noise, DPM-Solver++ rows at first order
+# (just admitted), second order and the final step, a guided request beside unguided ones.
+GROUPED = [
+    SampleSpec(num_samples=2, seed=11, sampler="ddim", steps=3, eta=0.0),
+    SampleSpec(num_samples=1, seed=12, sampler="ddim", steps=5, eta=1.0, class_labels=[4]),
+    SampleSpec(num_samples=3, seed=13, sampler="ddim", steps=4, eta=0.3, guidance_scale=2.5),
+    SampleSpec(num_samples=1, seed=14, sampler="ddpm", steps=2),
+    SampleSpec(num_samples=2, seed=15, sampler="ddpm", steps=5, class_labels=[7]),
+    SampleSpec(num_samples=1, seed=16, sampler="dpm_solver", steps=2),
+    SampleSpec(num_samples=2, seed=17, sampler="dpm_solver", steps=6, guidance_scale=1.5),
+]
+
+
+@pytest.mark.parametrize("late", [0, 2])
+def test_one_vectorised_update_per_sampler_matches_each_core_loop(model, late):
+    """All GROUPED requests share forwards and, per sampler, one step-function call (some admitted ``late``
+    steps after the others, so their rows are at other steps/orders): each equals its own core loop."""
+    e = engine_with(model, max_batch_size=64)
+    calls = []
+    update = e._update
+    e._update = lambda group: calls.append(len(group)) or update(group)
+    tickets = [e.submit(s) for s in GROUPED[::2]]
+    for _ in range(late):
+        e.step()
+    tickets += [e.submit(s) for s in GROUPED[1::2]]
+    drain(e)
+    for t in tickets:
+        alone = engine_with(model, max_batch_size=64)
+        single = alone.submit(t.spec)
+        drain(alone)  # the per-request path: every update a group of one
+        assert (t.result(0).images - single.result(0).images).abs().max().item() < TOL, t.spec
+        assert (t.result(0).images - oracle(model, t.spec)).abs().max().item() < TOL, t.spec
+    assert max(calls) >= 3  # requests were updated together, not one by one
+
+
+def packed(e: Engine) -> dict[int, int]:
+    """seed -> rows of the next forward, without running it."""
+    e._boundary()
+    _, chunks = e._pack()
+    return {req.spec.seed: k for req, _, k in chunks}
+
+
+def test_pack_rows_caps_long_requests_beside_short_ones_and_fills_when_they_are_gone(model):
+    """pack_ratio 4, pack_rows 4: with 2 short rows active, a forward has the 2 short rows plus 2 long rows (the
+    long ones with least remaining work, then by arrival); once the short ones are done all 6 long rows run."""
+    e = engine_with(model, max_batch_size=16, pack_ratio=4.0, pack_rows=4, starve_after=100)
+    longs = [e.submit(SampleSpec(num_samples=1, seed=i, sampler="ddpm", steps=50)) for i in range(6)]
+    e.step()  # the long ones alone: all similar, none is long, the forward is full
+    assert e.rows == 6
+    for seed in (100, 101):
+        e.submit(SampleSpec(num_samples=1, seed=seed, steps=2))
+    assert packed(e) == {100: 1, 101: 1, 0: 1, 1: 1}
+    e.step()
+    assert packed(e) == {100: 1, 101: 1, 0: 1, 1: 1}  # seeds 0, 1 are now the long ones with least remaining
+    e.step()
+    assert packed(e) == {i: 1 for i in range(6)}  # the short ones are done
+    drain(e)
+    for t in longs:
+        assert (t.result(0).images - oracle(model, t.spec)).abs().max().item() < TOL
+
+
+def test_pack_rows_one_keeps_long_requests_out_until_they_are_starved(model):
+    e = engine_with(model, max_batch_size=16, pack_ratio=4.0, pack_rows=1, starve_after=2)
+    e.submit(SampleSpec(num_samples=2, seed=0, sampler="ddpm", steps=50))
+    e.step()
+    e.submit(SampleSpec(num_samples=1, seed=1, steps=20))
+    assert packed(e) == {1: 1}
+    e.step()
+    e.step()
+    assert packed(e) == {0: 2, 1: 1}  # left out of 2 forwards: starved, it joins whatever the class
+
+
+def test_calibrate_pack_rows_takes_the_largest_forward_within_its_budget():
+    assert calibrate_pack_rows({1: 9.1, 2: 10.6, 4: 13.4, 8: 19.3, 16: 31.0}) == 8  # quickstart, 1 CPU thread
+    assert calibrate_pack_rows({1: 1.0, 2: 1.0, 4: 1.1, 8: 1.2, 16: 1.3}) == 16  # a GPU: fill
+    assert calibrate_pack_rows({1: 5.0, 2: 13.0, 4: 9.0}) == 1  # stops at the first size over the budget
+    assert calibrate_pack_rows({1: 5.0, 2: 9.0, 4: 12.0}, factor=3.0) == 4
+
+
+def test_prepare_calibrates_pack_rows_only_when_packing_by_size_without_a_fixed_cap(model):
+    assert Engine(pack_ratio=4.0).prepare(model).pack_rows in batch_buckets(16)
+    assert Engine(pack_ratio=4.0, pack_rows=3).prepare(model).pack_rows is None  # the engine's own cap applies
+    assert Engine().prepare(model).pack_rows is None
+    e = engine_with(model, max_batch_size=16, pack_ratio=4.0)
+    e.step()
+    assert e.health()["pack_rows"] in batch_buckets(16)
+
+
+def test_uniform_requests_at_any_progress_are_all_packed(model):
+    """The long class is by request size, not progress: 1-image 10-step requests admitted at different steps
+    (remaining work 1 vs 10) all share every forward, even with pack_rows 1."""
+    e = engine_with(model, max_batch_size=16, pack_ratio=2.0, pack_rows=1)
+    for i in range(4):
+        e.submit(SampleSpec(num_samples=1, seed=i, steps=10))
+        e.step()
+    assert packed(e) == {i: 1 for i in range(4)}
+
+
+def test_a_short_request_is_not_held_back_by_the_cap(model):
+    """A short request larger than pack_rows still fills the forward up to max_batch_size."""
+    e = engine_with(model, max_batch_size=8, pack_ratio=4.0, pack_rows=2)
+    e.submit(SampleSpec(num_samples=4, seed=0, sampler="ddpm", steps=60))
+    e.step()
+    e.submit(SampleSpec(num_samples=6, seed=1, steps=2))
+    assert packed(e) == {1: 6}
 
 
 def test_swap_between_steps_keeps_in_flight_requests_on_their_version(model):
@@ -241,6 +351,19 @@ def test_threaded_loop_not_ready_health_and_stop(model):
     assert not e.health()["loop_alive"]
     with pytest.raises(NotReady, match="not running"):
         e.submit(SampleSpec(num_samples=1, seed=0))
+
+
+def test_loop_stats_count_rows_and_split_forward_from_overhead(model):
+    e = engine_with(model, max_batch_size=4)
+    before = e.stats.snapshot()
+    e.submit(SampleSpec(num_samples=3, seed=0, steps=2, guidance_scale=2.0, class_labels=[1]))
+    drain(e)
+    after = e.stats.snapshot()
+    assert (after["forwards"], after["rows"]) == (4, 12) == (e.forwards, e.rows)  # 6 rows per step, bound 4
+    assert after["step_s"] >= after["forward_s"] > 0 and after["step_cpu_s"] >= after["forward_cpu_s"] > 0
+    period = LoopStats.period(before, after, seconds=after["step_s"])
+    assert period["forwards"] == 4 and period["mean_rows"] == 3.0 and period["busy"] == pytest.approx(1.0, abs=0.01)
+    assert period["overhead_ms"] >= 0 and period["step_gil_ms"] >= 0
 
 
 def test_batch_buckets():
