@@ -357,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             overrides = [*base, f"serve.port={args.port}", f"serve.max_batch_size={batch}",
                          f"serve.reload_interval_s={args.reload_interval}",
-                         *([f"serve.pack_ratio={args.pack_ratio}"] if args.pack_ratio and batch > 1 else []),
+                         f"serve.pack_ratio={args.pack_ratio if args.pack_ratio and batch > 1 else 'null'}",
                          *([f"serve.pack_rows={args.pack_rows}"] if args.pack_rows and batch > 1 else []),
                          f"serve.max_ongoing_requests={max(top, 64)}",
                          f"serve.max_queued_requests={max(top, 64)}", f"serve.use_gpu={str(args.use_gpu).lower()}"]

@@ -51,15 +51,15 @@ def class_labels(num_samples: int, num_classes: int, given: Sequence[int] | None
     1 entry (broadcast) or ``num_samples`` entries, each in [0, num_classes); else 0, 1, .., K-1 cycled."""
     if num_classes == 0:
         if given:
-            raise ValueError("class labels given but the model is unconditional")
+            raise ValueError("class_labels given but the model is unconditional")
         return None
     if given is None:
         return torch.arange(num_samples) % num_classes
     if len(given) not in (1, num_samples):
-        raise ValueError(f"class labels must have 1 or num_samples={num_samples} entries, got {len(given)}")
+        raise ValueError(f"class_labels must have 1 or num_samples={num_samples} entries, got {len(given)}")
     bad = [c for c in given if not 0 <= int(c) < num_classes]
     if bad:
-        raise ValueError(f"class labels must lie in [0, {num_classes - 1}], got {bad}")
+        raise ValueError(f"class_labels must lie in [0, {num_classes - 1}], got {bad}")
     labels = torch.tensor([int(c) for c in given], dtype=torch.long)
     return labels.expand(num_samples).clone() if len(given) == 1 else labels
 

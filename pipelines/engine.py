@@ -452,13 +452,19 @@ class Engine:
             self._lock.notify_all()
         return ticket
 
+    @property
+    def packing(self) -> tuple[float | None, int | None]:
+        """(pack_ratio, pack_rows) that new requests get: pack_rows as set, else as calibrated for the model."""
+        slot = self._pending or self._current
+        return self.pack_ratio, self.pack_rows or (slot.pack_rows if slot else None)
+
     def health(self) -> dict[str, Any]:
         """Live state: loop alive, model loaded (and version), active requests, queued cost."""
         with self._lock:
             return {"loop_alive": self.alive, "model_loaded": self.model is not None, "version": self.version,
                     "active_requests": len(self._active) + len(self._inbox), "queued_cost": self._outstanding,
-                    "max_queue_cost": self.max_queue_cost, "pack_ratio": self.pack_ratio,
-                    "pack_rows": self.pack_rows or (self._current.pack_rows if self._current else None),
+                    "max_queue_cost": self.max_queue_cost, "pack_ratio": self.packing[0],
+                    "pack_rows": self.packing[1],
                     "last_error": self.last_error, **self.counts,
                     "stats": self.stats.snapshot()}
 

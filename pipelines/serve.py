@@ -36,8 +36,9 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from pydantic import BaseModel
 from ray import serve
 
+from diffusion_core.models import fast_defaults
 from diffusion_core.samplers import SAMPLERS
-from pipelines.config import PipelineConfig, ServeConfig, load_config
+from pipelines.config import PipelineConfig, ServeConfig, load_config, resolve_pack_ratio
 from pipelines.engine import (
     Engine,
     EngineError,
@@ -303,7 +304,7 @@ class DiffusionIngress:
         self.model_uri = model_uri
         self.engine = Engine(max_batch_size=cfg.max_batch_size, max_request_cost=cfg.max_request_cost or 1,
                              max_queue_cost=cfg.max_queue_cost or 1, request_timeout_s=cfg.request_timeout_s,
-                             compile=cfg.compile, pack_ratio=cfg.pack_ratio,
+                             compile=cfg.compile, pack_ratio=resolve_pack_ratio(cfg.pack_ratio, device),
                              pack_rows=cfg.pack_rows).start()
         self.follower = ModelFollower(self.engine, model_uri, tracking_uri, cfg, device)
 
@@ -326,7 +327,8 @@ class DiffusionIngress:
             training_steps=training.get("steps"), samplers=list(SAMPLERS),
             max_samples_per_request=self.cfg.max_samples_per_request, max_batch_size=self.cfg.max_batch_size,
             max_request_cost=self.engine.max_request_cost, reload_interval_s=self.cfg.reload_interval_s,
-            device=str(s.device),
+            device=str(s.device), pack_ratio=self.engine.packing[0], pack_rows=self.engine.packing[1],
+            fast=fast_defaults(s.device),
         )
 
     async def describe(self, timeout_s: float = 600.0) -> dict[str, Any]:

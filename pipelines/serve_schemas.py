@@ -93,6 +93,9 @@ class ModelInfo(BaseModel):
     max_request_cost: int
     reload_interval_s: float
     device: str
+    pack_ratio: float | None = None  # serve.pack_ratio as resolved for the device (auto: 4 on CPU, None on GPU)
+    pack_rows: int | None = None  # the rows long requests may fill beside short ones (calibrated at load)
+    fast: dict[str, Any] = {}  # diffusion_core's per-device choices (layout, attention, autocast, ...)
 
 
 def _err(field: str, msg: str, value: Any) -> dict[str, Any]:

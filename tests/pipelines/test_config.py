@@ -92,3 +92,15 @@ def test_section_fingerprint_tracks_only_its_sections():
     a, b = load_config(None, ["train.max_steps=7"]), load_config(None, ["train.max_steps=8"])
     assert a.section_fingerprint("data") == b.section_fingerprint("data")
     assert a.section_fingerprint("train") != b.section_fingerprint("train")
+
+
+def test_serve_pack_ratio_auto_is_decided_by_device():
+    from pipelines.config import resolve_pack_ratio
+
+    cfg = load_config(None, [])
+    assert cfg.serve.pack_ratio == "auto"
+    assert resolve_pack_ratio("auto", "cpu") == 4.0 and resolve_pack_ratio("auto", "cuda") is None
+    assert resolve_pack_ratio(None, "cpu") is None and resolve_pack_ratio(2.5, "cuda") == 2.5
+    assert load_config(None, ["serve.pack_ratio=null"]).serve.pack_ratio is None
+    with pytest.raises(ConfigError, match="serve.pack_ratio"):
+        load_config(None, ["serve.pack_ratio=0.5"])
