@@ -201,6 +201,14 @@ class TrainConfig(_Section):
         None, description="Ray Train checkpoint storage (s3://, gs://, shared FS); None: workspace/ray_results."
     )
 
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _quoted_no(cls, v: Any) -> Any:
+        if isinstance(v, bool):  # YAML 1.1 reads a bare `no` as false; say so instead of "got False"
+            raise ValueError(f"must be one of 'no', 'bf16', 'fp16' (got the boolean {v}: YAML reads a bare no "
+                             "as false, so quote it: mixed_precision: 'no')")
+        return v
+
     @field_validator("ema_decays")
     @classmethod
     def _ema_range(cls, v: list[float]) -> list[float]:

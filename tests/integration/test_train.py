@@ -181,7 +181,7 @@ def test_registration_killed_between_steps_resumes_without_a_duplicate(trained_m
 
 def test_nonfinite_losses_stop_the_run_and_keep_the_checkpoint(ray_session, tiny_workspace, tiny_data):
     cfg = tiny_config(tiny_workspace, "train.run_name=nan", "train.max_steps=40", "train.checkpoint_every=5",
-                      "train.max_nonfinite_steps=3", "train.sample_every=1000", "train.mixed_precision=no")
+                      "train.max_nonfinite_steps=3", "train.sample_every=1000", "train.mixed_precision='no'")
     with pytest.raises(RuntimeError, match=r"3 consecutive non-finite losses at step 8"):
         run_training(cfg, tiny_data, faults=FaultInjection(nan_from_step=8, kill_delay_s=0))
     ckpts = sorted((cfg.workspace.ray_results / "nan").glob("checkpoint_0*"))

@@ -92,3 +92,13 @@ def test_section_fingerprint_tracks_only_its_sections():
     a, b = load_config(None, ["train.max_steps=7"]), load_config(None, ["train.max_steps=8"])
     assert a.section_fingerprint("data") == b.section_fingerprint("data")
     assert a.section_fingerprint("train") != b.section_fingerprint("train")
+
+
+def test_mixed_precision_accepts_its_three_values_and_explains_a_bare_yaml_no():
+    for value in ("'no'", "bf16", "fp16"):
+        assert load_config(None, [f"train.mixed_precision={value}"]).train.mixed_precision == value.strip("'")
+    assert load_config(None, []).train.mixed_precision == "bf16"
+    with pytest.raises(ConfigError, match=r"train\.mixed_precision.*YAML reads a bare no as false"):
+        load_config(None, ["train.mixed_precision=no"])
+    with pytest.raises(ConfigError, match=r"train\.mixed_precision.*'no', 'bf16' or 'fp16'"):
+        load_config(None, ["train.mixed_precision=fp8"])
