@@ -21,6 +21,9 @@ load drifts hit both alike; medians are reported, every round is kept in the JSO
 4. FLOP rate: 2048^2 matmuls in fp32 and bf16 measured in the same run; each training / inference row's GFLOP/s as
    a fraction of the matmul rate of its own dtype (a bf16-autocast step against bf16, fp32 against fp32).
 5. Compiled vs eager (``--compile``): our training step and inference forward, compiled / eager.
+6. The autocast rule on a small model (``autocast``): the 1.1M-parameter quickstart UNet (16x16, 1 channel, 10
+   classes), batch 32, a pipeline-style step (``training_losses`` + fused AdamW), default autocast vs fp32: the
+   measurement behind "bf16 where native" also holding for small models.
 
     python benchmarks/perf_suite.py                   # full (the lead's quiet-machine run), ~15-30 min on 2 cores
     python benchmarks/perf_suite.py --quick           # minutes: batch 2, 2 rounds, fewer steps
@@ -56,6 +59,8 @@ from diffusion_core import GaussianDiffusion, get_named_beta_schedule, sample  #
 from diffusion_core.models import (  # noqa: E402
     CPU_WARMUP_BATCH_SIZES,
     DDPM_CIFAR10_DIFFUSERS_CONFIG,
+    UNet,
+    autocast_forward,
     compile_unet,
     fast_defaults,
     load_diffusers_unet2d,
@@ -306,6 +311,38 @@ def overhead_section(args: argparse.Namespace) -> list[dict[str, Any]]:
             for sampler, steps in (("ddpm", args.overhead_ddpm_steps), ("ddim", 50))]
 
 
+# ---------------------------------------------------------------------------------------------- 6. autocast
+def autocast_section(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Quickstart UNet training step (batch 32): the default autocast vs fp32, interleaved."""
+    d = GaussianDiffusion(betas=get_named_beta_schedule("cosine", 1000), model_mean_type="velocity",
+                          model_var_type="fixed_small", loss_type="mse")  # the quickstart's v-prediction
+    torch.manual_seed(0)
+    base = UNet.quickstart()
+    amp = train_autocast_dtype("cpu")
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 1, 16, 16, generator=g), torch.randint(0, 10, (32,), generator=g)
+    t = torch.randint(0, 1000, (32,), generator=g)
+    fns = {}
+    for name, dtype in (("default", amp), ("fp32", None)):
+        model = UNet(**base.config)
+        model.load_state_dict(base.state_dict())
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **optimizer_kwargs("cpu"))
+
+        def step(model=model, opt=opt, dtype=dtype) -> None:
+            loss = d.training_losses(autocast_forward(model, "cpu", dtype), x, t, model_kwargs={"y": y})["loss"].mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        fns[name] = step
+    print(f"[autocast] quickstart UNet b32: {_dtype_name(amp)} vs float32", flush=True)
+    timed = interleaved(fns, args.sample_rounds * 4, warmup=2)
+    ips = {k: 32 / _median(v) for k, v in timed.items()}
+    return [{"model": "quickstart (1.1M)", "batch": 32, "dtype": _dtype_name(amp), "default_images_per_s":
+             ips["default"], "fp32_images_per_s": ips["fp32"], "ratio": ips["default"] / ips["fp32"],
+             "seconds_all_rounds": timed}]
+
+
 # ---------------------------------------------------------------------------------------------- 4. matmul
 def matmul_gflops(n: int = 2048, rounds: int = 5, dtype: torch.dtype = torch.float32) -> float:
     """GFLOP/s of an n x n matmul in ``dtype`` (2 n^3 FLOPs), median of ``rounds``."""
@@ -324,7 +361,7 @@ def _pick(rows: list[dict], **kw: Any) -> dict | None:
 
 
 def summary(train: dict[str, Any], sampling: list[dict], overhead: list[dict], mm: dict[str, float],
-            batches: list[int]) -> list[dict[str, Any]]:
+            batches: list[int], autocast: list[dict] | None = None) -> list[dict[str, Any]]:
     """The issue's table: one row per target with our value, the reference value and the ratio.
 
     ``mm``: the 2048^2 matmul GFLOP/s per dtype name ("float32", "bfloat16"), measured in the same run."""
@@ -358,6 +395,10 @@ def summary(train: dict[str, Any], sampling: list[dict], overhead: list[dict], m
           _pick(rows, mode="infer", variant="diffusers", batch=bmax), None)
     ratio(f"inference b{bmax}: ours compiled vs ours eager", _pick(rows, mode="infer", variant="ours_compiled",
           batch=bmax), _pick(rows, mode="infer", variant="ours", batch=bmax), None)
+    for a in autocast or []:
+        out.append({"what": f"{a['model']} UNet train step b{a['batch']}: default ({a['dtype']}) vs float32",
+                    "ours": a["default_images_per_s"], "reference": a["fp32_images_per_s"], "ratio": a["ratio"],
+                    "target": None})
     for s in sampling:
         out.append({"what": f"{s['sampler']}-{s['steps']} sampling b{s['batch']} vs diffusers loop "
                     f"(max |img diff| {s['max_abs_image_diff']:.1e})", "ours": s["ours_images_per_s"],
@@ -383,7 +424,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--compile", action="store_true", help="add the compiled rows (slow to compile on CPU)")
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds of the training rows")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
-    p.add_argument("--sections", default="train,sample,overhead", help="subset of train,sample,overhead")
+    p.add_argument("--sections", default="train,autocast,sample,overhead",
+                   help="subset of train,autocast,sample,overhead")
     p.add_argument("--train-batches", default=None, help="comma-separated training batch sizes (default 8,16)")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="cpu: process CPU time, steadier than wall time on an oversubscribed machine (use --threads 1)")
@@ -411,12 +453,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.manual_seed(0)
     reference = UNet2DModel(**DDPM_CIFAR10)
     train = training_section(args, reference) if "train" in sections else {"rows": []}
+    autocast = autocast_section(args) if "autocast" in sections else []
     sampling = sampling_section(args) if "sample" in sections else []
     overhead = overhead_section(args) if "overhead" in sections else []
     mm_after = {k: matmul_gflops(rounds=args.rounds, dtype=d) for k, d in dtypes.items()}
     mm_mean = {k: statistics.mean([mm[k], mm_after[k]]) for k in dtypes}
-    table = summary(train, sampling, overhead, mm_mean, args.train_batches) if train["rows"] \
-        else summary({"rows": []}, sampling, overhead, mm_mean, [0])
+    table = summary(train, sampling, overhead, mm_mean, args.train_batches, autocast) if train["rows"] \
+        else summary({"rows": []}, sampling, overhead, mm_mean, [0], autocast)
 
     print(f"\nperf suite: torch {torch.__version__}, diffusers {diffusers_version}, threads "
           f"{torch.get_num_threads()}, loadavg before {load_before[0]:.2f} after {os.getloadavg()[0]:.2f}, "
@@ -436,7 +479,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "matmul_2048_gflop_per_s": {k: [mm[k], mm_after[k]] for k in dtypes},
         "train_autocast_dtype": fast_defaults("cpu")["train_autocast_dtype"],
         "note": "medians of interleaved rounds; on a shared machine wall times are noisy (see loadavg)",
-        "summary": table, "training": train, "sampling": sampling, "overhead": overhead,
+        "summary": table, "training": train, "autocast": autocast, "sampling": sampling, "overhead": overhead,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2, default=str) + "\n")

@@ -34,7 +34,7 @@ def test_perf_suite_quick_reports_the_default_autocast_against_its_own_matmul_ra
     out, md = tmp_path / "perf.json", tmp_path / "perf.md"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "perf_suite.py"), "--quick", "--threads", "1",
-                           "--rounds", "1", "--sections", "train,overhead", "--out", str(out), "--markdown", str(md)],
+                           "--rounds", "1", "--sections", "train,autocast", "--out", str(out), "--markdown", str(md)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
