@@ -13,8 +13,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-__all__ = ["fast_defaults", "optimizer_kwargs", "train_autocast_dtype", "autocast_forward", "cpu_has_native_bf16", "compile_unet",
-           "CompiledUNet", "is_compiled", "CPU_WARMUP_BATCH_SIZES", "MixedPrecision"]
+__all__ = ["fast_defaults", "optimizer_kwargs", "train_autocast_dtype", "autocast_forward", "cpu_has_native_bf16",
+           "compile_unet", "CompiledUNet", "is_compiled", "CPU_WARMUP_BATCH_SIZES", "MixedPrecision"]
 
 MixedPrecision = Literal["no", "bf16", "fp16"]
 
@@ -33,6 +33,10 @@ def cpu_has_native_bf16() -> bool:
     at several times the fp32 rate; elsewhere it emulates bf16 through fp32, which gains nothing)."""
     probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # torch.cpu's cpuinfo probes (torch >= 2.3)
     return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
+
+
+def _cuda_has_native_bf16() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 def _cpu_has_native_fp16() -> bool:
@@ -54,7 +58,8 @@ def train_autocast_dtype(device: torch.device | str | None = None,
     if mixed_precision == "no":
         return None
     if mixed_precision == "bf16":
-        native = torch.cuda.is_bf16_supported() if dev.type == "cuda" else dev.type == "cpu" and cpu_has_native_bf16()
+        # on CUDA: Ampere or later (pre-Ampere GPUs only emulate bf16)
+        native = _cuda_has_native_bf16() if dev.type == "cuda" else dev.type == "cpu" and cpu_has_native_bf16()
         return torch.bfloat16 if native else None
     if mixed_precision == "fp16":
         native = dev.type == "cuda" or (dev.type == "cpu" and _cpu_has_native_fp16())

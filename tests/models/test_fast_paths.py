@@ -57,7 +57,8 @@ def test_cpu_autocast_is_bf16_only_where_the_cpu_runs_it_natively(monkeypatch, a
 
 @pytest.mark.parametrize("bf16_supported", [True, False])
 def test_cuda_autocast_follows_the_gpus_bf16_support(monkeypatch, bf16_supported) -> None:
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16_supported)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: bf16_supported)
     assert train_autocast_dtype("cuda", "bf16") is (torch.bfloat16 if bf16_supported else None)
     assert train_autocast_dtype("cuda", "fp16") is torch.float16 and train_autocast_dtype("cuda", "no") is None
     assert fast_defaults("cuda", "fp16")["train_autocast_dtype"] == "float16"
