@@ -61,6 +61,7 @@ from diffusion_core.models import (  # noqa: E402
     DDPM_CIFAR10_DIFFUSERS_CONFIG,
     UNet,
     autocast_forward,
+    compile_options,
     compile_unet,
     fast_defaults,
     load_diffusers_unet2d,
@@ -167,7 +168,9 @@ def training_section(args: argparse.Namespace, reference: Any) -> dict[str, Any]
         infer: dict[str, Callable[[], None]] = {}
         for name, (make, diff, okw, dtype, comp) in specs.items():
             model = make()
-            run_model = (compile_unet(model) if not diff else torch.compile(model)) if comp else model
+            # diffusers compiled with the same inductor options as ours (its best option)
+            run_model = (compile_unet(model) if not diff else torch.compile(model, options=compile_options("cpu"))) \
+                if comp else model
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **okw)
             steps[name] = _train_step(run_model, diff, opt, batch, dtype)
             if batch == max(args.train_batches) and name in infer_variants:

@@ -13,6 +13,7 @@ from diffusion_core.models import (
     CompiledUNet,
     UNet,
     autocast_forward,
+    compile_options,
     compile_unet,
     cpu_has_native_bf16,
     fast_defaults,
@@ -33,6 +34,10 @@ def test_fast_defaults_is_a_flat_loggable_dict_per_device() -> None:
     assert fast_defaults("cpu")["optimizer"] == "fused" and optimizer_kwargs("cpu") == {"fused": True}
     assert optimizer_kwargs("mps") == {"foreach": True}
     assert fast_defaults("cuda")["tf32_matmul"] and not fast_defaults("cpu")["tf32_matmul"]
+    # aten's dropout RNG inside compiled graphs on CPU only; a mode's own options are kept
+    assert compile_options("cpu") == {"fallback_random": True} and compile_options("cuda") == {}
+    assert compile_options("cuda", "max-autotune")["max_autotune"] and "fallback_random" not in compile_options("cuda")
+    assert fast_defaults("cpu")["compile_fallback_random"] and not fast_defaults("cuda")["compile_fallback_random"]
 
 
 def _cpu_probes(monkeypatch: pytest.MonkeyPatch, amx: bool, avx512_bf16: bool, amx_fp16: bool = False) -> None:
