@@ -1,6 +1,7 @@
 """The GPU suite's measurements (driven by ``benchmarks/gpu_suite.sh``); needs only torch, numpy and diffusion_core.
 
-1. DDPM CIFAR-10 UNet (35.7M parameters) training step in bf16 autocast (forward + MSE backward + fused AdamW),
+1. DDPM CIFAR-10 UNet (35.7M parameters) training step in the core's training autocast dtype
+   (``train_autocast_dtype``: bf16 on CUDA and on CPUs with AMX / AVX512-BF16) (forward + MSE backward + fused AdamW),
    eager vs compiled, batch 128 and 256 (``--quick``: 2): images/s and MFU = achieved model FLOP/s over the
    chip's dense bf16 peak (H200 / H100 SXM: 989 TFLOP/s). FLOPs are counted once with
    ``torch.utils.flop_counter`` (plus the attention matmuls the CPU kernel hides from it). Also channels_last
@@ -43,6 +44,7 @@ from diffusion_core.models import (  # noqa: E402
     compile_unet,
     fast_defaults,
     optimizer_kwargs,
+    train_autocast_dtype,
 )
 
 PEAK_BF16_DENSE_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L4": 121.0}
@@ -85,8 +87,13 @@ def build_unet(args: argparse.Namespace, **overrides: Any) -> UNet:
     return UNet.ddpm_cifar10(**cfg)
 
 
+def _autocast(device: torch.device) -> torch.autocast:
+    """The training autocast of the core's per-device rule (disabled where it resolves to fp32)."""
+    dtype = train_autocast_dtype(device)
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
 def train_section(args: argparse.Namespace, device: torch.device, peak: float | None) -> list[dict[str, Any]]:
-    amp = device.type == "cuda"
     fwd_flops, train_flops = count_flops(build_unet(args))
     rows = []
     variants = [("eager", True, False), ("eager_contiguous", False, False)]
@@ -104,7 +111,7 @@ def train_section(args: argparse.Namespace, device: torch.device, peak: float | 
             target = torch.randn(batch, 3, 32, 32, generator=g).to(device)
 
             def step(model=model, opt=opt, x=x, t=t, target=target) -> None:
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                with _autocast(device):
                     loss = F.mse_loss(model(x, t).float(), target)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -118,6 +125,7 @@ def train_section(args: argparse.Namespace, device: torch.device, peak: float | 
             secs = timed(step, device, args.iters, args.rounds)
             ips = batch / statistics.median(secs)
             row = {"what": "train", "variant": name, "batch": batch, "images_per_s": ips,
+                   "autocast_dtype": fast_defaults(device)["train_autocast_dtype"],
                    "tflop_per_s": ips * train_flops / 1e12, "mfu": ips * train_flops / (peak * 1e12) if peak else None,
                    "warmup_s": warm, "seconds_per_step_all_rounds": secs}
             rows.append(row)
@@ -140,7 +148,6 @@ def diffusers_train(args: argparse.Namespace, device: torch.device, train_flops:
         return []
     if args.quick:
         return []
-    amp = device.type == "cuda"
     batch = args.train_batches[0]
     torch.manual_seed(0)
     model = UNet2DModel(**{**DDPM_CIFAR10_DIFFUSERS_CONFIG, "dropout": 0.1}).to(device).train()
@@ -149,7 +156,7 @@ def diffusers_train(args: argparse.Namespace, device: torch.device, train_flops:
     t = torch.randint(0, 1000, (batch,), device=device)
 
     def step() -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        with _autocast(device):
             loss = F.mse_loss(model(x, t).sample.float(), x)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -241,7 +248,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "quick": args.quick, "compile": args.compile, "torch": torch.__version__,
         "cuda": torch.version.cuda, "peak_bf16_dense_tflops": peak, "fast_defaults": fast_defaults(device),
         "model": "ddpm_cifar10 (35.7M)" if not args.quick else f"ddpm_cifar10 with {QUICK_UNET}",
-        "amp": "bf16 autocast" if device.type == "cuda" else "fp32",
+        "amp": {"train": fast_defaults(device)["train_autocast_dtype"],
+                "sampling": "bfloat16" if device.type == "cuda" else "float32"},
         "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
         "wall_s": time.perf_counter() - t_start,
         "train": train, "sampling": sampling,

@@ -4,23 +4,31 @@ Each side runs as a user gets it by default, and the two are timed in interleave
 load drifts hit both alike; medians are reported, every round is kept in the JSON with the load average.
 
 1. Training step, ddpm-cifar10-32 config (35.7M parameters, dropout 0.1), batch 8 and 16: forward + MSE
-   backward + AdamW step. ``ours`` = our UNet's defaults (channels_last) + ``optimizer_kwargs`` (fused AdamW);
-   ``ours_plain_opt`` = the same model with a default AdamW (the model's share of the gain); ``diffusers`` =
-   ``UNet2DModel`` as shipped + default AdamW; ``diffusers_best`` = channels_last + fused AdamW (its best eager
-   option). With ``--compile`` also ``ours_compiled`` / ``diffusers_compiled`` (each best option + compile).
-   Inference forward (eval, inference_mode) at the largest batch, for the FLOP rate.
+   backward + AdamW step. ``ours`` = what a user gets by default: our UNet's defaults (channels_last) +
+   ``optimizer_kwargs`` (fused AdamW) + autocast in ``train_autocast_dtype("cpu")`` (bf16 on CPUs with AMX /
+   AVX512-BF16, else fp32); ``ours_fp32`` = the same in fp32 (train.mixed_precision=no); ``ours_plain_opt`` =
+   ``ours`` with a default AdamW (the optimizer's share of the gain); ``diffusers`` = ``UNet2DModel`` as shipped
+   (fp32) + default AdamW; ``diffusers_best`` = diffusers at its best: channels_last + fused AdamW + the same
+   autocast as ours; ``diffusers_best_fp32`` = channels_last + fused in fp32. With ``--compile`` also
+   ``ours_compiled`` / ``diffusers_compiled`` (each best option, the default autocast, + compile). The loss is
+   fp32 in every variant. Inference forward (eval, inference_mode, fp32 as sampling runs) at the largest batch.
 2. Sampling with a small DDPM UNet (same weights both sides, same x_T and generator): DDIM-20 and DDPM (evenly
    spaced steps, fed to diffusers as custom timesteps) against diffusers' own scheduler loop
    (``for t in scheduler.timesteps: scheduler.step(unet(x, t).sample, t, x)``), batch 1 and 16; the images are
    compared (max |difference|).
 3. Sampler overhead per step with a zero model (returns zeros), batch 1: DDPM-1000 and DDIM-50, ours vs
    diffusers' loop; (loop - bare model calls) / steps, wall and process CPU time.
-4. FLOP rate: a 2048^2 fp32 matmul measured in the same run; training and inference GFLOP/s as its fraction.
+4. FLOP rate: 2048^2 matmuls in fp32 and bf16 measured in the same run; each training / inference row's GFLOP/s as
+   a fraction of the matmul rate of its own dtype (a bf16-autocast step against bf16, fp32 against fp32).
 5. Compiled vs eager (``--compile``): our training step and inference forward, compiled / eager.
+6. The autocast rule on a small model (``autocast``): the 1.1M-parameter quickstart UNet (16x16, 1 channel, 10
+   classes), batch 32, a pipeline-style step (``training_losses`` + fused AdamW), default autocast vs fp32: the
+   measurement behind "bf16 where native" also holding for small models.
 
     python benchmarks/perf_suite.py                   # full (the lead's quiet-machine run), ~15-30 min on 2 cores
     python benchmarks/perf_suite.py --quick           # minutes: batch 2, 2 rounds, fewer steps
     python benchmarks/perf_suite.py --compile         # adds the compiled rows (inductor; compile not timed)
+    python benchmarks/perf_suite.py --markdown benchmarks/results/perf_suite_cpu.md   # also the README table
 """
 
 from __future__ import annotations
@@ -51,10 +59,14 @@ from diffusion_core import GaussianDiffusion, get_named_beta_schedule, sample  #
 from diffusion_core.models import (  # noqa: E402
     CPU_WARMUP_BATCH_SIZES,
     DDPM_CIFAR10_DIFFUSERS_CONFIG,
+    UNet,
+    autocast_forward,
+    compile_options,
     compile_unet,
     fast_defaults,
     load_diffusers_unet2d,
     optimizer_kwargs,
+    train_autocast_dtype,
 )
 from diffusion_core.samplers import respaced  # noqa: E402
 
@@ -92,7 +104,8 @@ def interleaved(fns: dict[str, Callable[[], Any]], rounds: int, warmup: int = 1)
 
 
 # ---------------------------------------------------------------------------------------------- 1. training
-def _train_step(model: torch.nn.Module, diff: bool, opt: torch.optim.Optimizer, batch: int) -> Callable[[], None]:
+def _train_step(model: torch.nn.Module, diff: bool, opt: torch.optim.Optimizer, batch: int,
+                amp: torch.dtype | None) -> Callable[[], None]:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, 32, 32, generator=g)
     t = torch.randint(0, 1000, (batch,), generator=g)
@@ -100,8 +113,9 @@ def _train_step(model: torch.nn.Module, diff: bool, opt: torch.optim.Optimizer, 
 
     def step() -> None:
         model.train()
-        out = model(x, t)
-        loss = F.mse_loss(out.sample if diff else out, target)
+        with torch.autocast("cpu", dtype=amp or torch.bfloat16, enabled=amp is not None):
+            out = model(x, t)
+        loss = F.mse_loss((out.sample if diff else out).float(), target)  # the loss in fp32
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -132,42 +146,53 @@ def training_section(args: argparse.Namespace, reference: Any) -> dict[str, Any]
     def ours_model() -> torch.nn.Module:
         return load_diffusers_unet2d(reference.state_dict(), reference.config, dropout=0.1)
 
-    fast_opt = optimizer_kwargs("cpu")
-    specs: dict[str, tuple[Callable[[], torch.nn.Module], bool, dict, bool]] = {
-        # name: (model factory, is_diffusers, optimizer kwargs, compiled)
-        "ours": (ours_model, False, fast_opt, False),
-        "ours_plain_opt": (ours_model, False, {}, False),
-        "diffusers": (lambda: diffusers_model(False), True, {}, False),
-        "diffusers_best": (lambda: diffusers_model(True), True, fast_opt, False),
+    fast_opt, amp = optimizer_kwargs("cpu"), train_autocast_dtype("cpu")  # the defaults: fused AdamW, bf16 if native
+    specs: dict[str, tuple[Callable[[], torch.nn.Module], bool, dict, torch.dtype | None, bool]] = {
+        # name: (model factory, is_diffusers, optimizer kwargs, autocast dtype, compiled)
+        "ours": (ours_model, False, fast_opt, amp, False),
+        "ours_fp32": (ours_model, False, fast_opt, None, False),
+        "ours_plain_opt": (ours_model, False, {}, amp, False),
+        "diffusers": (lambda: diffusers_model(False), True, {}, None, False),
+        "diffusers_best": (lambda: diffusers_model(True), True, fast_opt, amp, False),
+        "diffusers_best_fp32": (lambda: diffusers_model(True), True, fast_opt, None, False),
     }
     if args.compile:
-        specs["ours_compiled"] = (ours_model, False, fast_opt, True)
-        specs["diffusers_compiled"] = (lambda: diffusers_model(True), True, fast_opt, True)
+        specs["ours_compiled"] = (ours_model, False, fast_opt, amp, True)
+        specs["diffusers_compiled"] = (lambda: diffusers_model(True), True, fast_opt, amp, True)
+    # inference is fp32 (as sampling and serving run): one row per distinct model
+    infer_variants = ("ours", "diffusers", "diffusers_best_fp32", "ours_compiled", "diffusers_compiled")
     fwd_flops, train_flops = count_flops(ours_model())
     rows: list[dict[str, Any]] = []
     for batch in args.train_batches:
         steps: dict[str, Callable[[], None]] = {}
         infer: dict[str, Callable[[], None]] = {}
-        for name, (make, diff, okw, comp) in specs.items():
+        for name, (make, diff, okw, dtype, comp) in specs.items():
             model = make()
-            run_model = (compile_unet(model) if not diff else torch.compile(model)) if comp else model
-            steps[name] = _train_step(run_model, diff, torch.optim.AdamW(model.parameters(), lr=1e-4, **okw), batch)
-            if batch == max(args.train_batches):
+            # diffusers compiled with the same inductor options as ours (its best option)
+            run_model = (compile_unet(model) if not diff else torch.compile(model, options=compile_options("cpu"))) \
+                if comp else model
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **okw)
+            steps[name] = _train_step(run_model, diff, opt, batch, dtype)
+            if batch == max(args.train_batches) and name in infer_variants:
                 infer[name] = _infer_step(run_model, diff, batch)
         print(f"[train] batch {batch}: {', '.join(steps)} ({args.rounds} interleaved rounds)", flush=True)
         timed = interleaved(steps, args.rounds, warmup=2 if args.compile else 1)
         for name, secs in timed.items():
             rows.append({"mode": "train", "variant": name, "batch": batch, "images_per_s": batch / _median(secs),
-                         "seconds_all_rounds": secs})
+                         "dtype": _dtype_name(specs[name][3]), "seconds_all_rounds": secs})
         if infer:
             print(f"[infer] batch {batch}", flush=True)
             timed = interleaved(infer, args.rounds, warmup=2 if args.compile else 1)
             for name, secs in timed.items():
-                rows.append({"mode": "infer", "variant": name, "batch": batch,
+                rows.append({"mode": "infer", "variant": name, "batch": batch, "dtype": "float32",
                              "images_per_s": batch / _median(secs), "seconds_all_rounds": secs})
     for r in rows:
         r["gflop_per_s"] = r["images_per_s"] * (train_flops if r["mode"] == "train" else fwd_flops) / 1e9
     return {"rows": rows, "fwd_gflop_per_image": fwd_flops / 1e9, "train_gflop_per_image": train_flops / 1e9}
+
+
+def _dtype_name(dtype: torch.dtype | None) -> str:
+    return str(dtype or torch.float32).removeprefix("torch.")
 
 
 # ---------------------------------------------------------------------------------------------- 2. sampling
@@ -289,9 +314,42 @@ def overhead_section(args: argparse.Namespace) -> list[dict[str, Any]]:
             for sampler, steps in (("ddpm", args.overhead_ddpm_steps), ("ddim", 50))]
 
 
+# ---------------------------------------------------------------------------------------------- 6. autocast
+def autocast_section(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Quickstart UNet training step (batch 32): the default autocast vs fp32, interleaved."""
+    d = GaussianDiffusion(betas=get_named_beta_schedule("cosine", 1000), model_mean_type="velocity",
+                          model_var_type="fixed_small", loss_type="mse")  # the quickstart's v-prediction
+    torch.manual_seed(0)
+    base = UNet.quickstart()
+    amp = train_autocast_dtype("cpu")
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 1, 16, 16, generator=g), torch.randint(0, 10, (32,), generator=g)
+    t = torch.randint(0, 1000, (32,), generator=g)
+    fns = {}
+    for name, dtype in (("default", amp), ("fp32", None)):
+        model = UNet(**base.config)
+        model.load_state_dict(base.state_dict())
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **optimizer_kwargs("cpu"))
+
+        def step(model=model, opt=opt, dtype=dtype) -> None:
+            loss = d.training_losses(autocast_forward(model, "cpu", dtype), x, t, model_kwargs={"y": y})["loss"].mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        fns[name] = step
+    print(f"[autocast] quickstart UNet b32: {_dtype_name(amp)} vs float32", flush=True)
+    timed = interleaved(fns, args.sample_rounds * 4, warmup=2)
+    ips = {k: 32 / _median(v) for k, v in timed.items()}
+    return [{"model": "quickstart (1.1M)", "batch": 32, "dtype": _dtype_name(amp), "default_images_per_s":
+             ips["default"], "fp32_images_per_s": ips["fp32"], "ratio": ips["default"] / ips["fp32"],
+             "seconds_all_rounds": timed}]
+
+
 # ---------------------------------------------------------------------------------------------- 4. matmul
-def matmul_gflops(n: int = 2048, rounds: int = 5) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_gflops(n: int = 2048, rounds: int = 5, dtype: torch.dtype = torch.float32) -> float:
+    """GFLOP/s of an n x n matmul in ``dtype`` (2 n^3 FLOPs), median of ``rounds``."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
     a @ b
     secs = interleaved({"mm": lambda: a @ b}, rounds)["mm"]
     return 2 * n**3 / _median(secs) / 1e9
@@ -305,9 +363,11 @@ def _pick(rows: list[dict], **kw: Any) -> dict | None:
     return None
 
 
-def summary(train: dict[str, Any], sampling: list[dict], overhead: list[dict], mm: float,
-            batches: list[int]) -> list[dict[str, Any]]:
-    """The issue's table: one row per target with our value, the reference value and the ratio."""
+def summary(train: dict[str, Any], sampling: list[dict], overhead: list[dict], mm: dict[str, float],
+            batches: list[int], autocast: list[dict] | None = None) -> list[dict[str, Any]]:
+    """The issue's table: one row per target with our value, the reference value and the ratio.
+
+    ``mm``: the 2048^2 matmul GFLOP/s per dtype name ("float32", "bfloat16"), measured in the same run."""
     rows = train["rows"]
     out: list[dict[str, Any]] = []
 
@@ -318,23 +378,30 @@ def summary(train: dict[str, Any], sampling: list[dict], overhead: list[dict], m
 
     for b in batches:
         ours = _pick(rows, mode="train", variant="ours", batch=b)
-        ratio(f"train step b{b}: ours default vs diffusers as shipped", ours,
-              _pick(rows, mode="train", variant="diffusers", batch=b), 1.2)
-        ratio(f"train step b{b}: ours default vs diffusers best eager (cl + fused)", ours,
-              _pick(rows, mode="train", variant="diffusers_best", batch=b), 1.05)
-        ratio(f"train step b{b}: ours model only (same default AdamW) vs diffusers as shipped",
-              _pick(rows, mode="train", variant="ours_plain_opt", batch=b),
-              _pick(rows, mode="train", variant="diffusers", batch=b), None)
-        ratio(f"train step b{b}: ours compiled vs diffusers compiled",
-              _pick(rows, mode="train", variant="ours_compiled", batch=b),
-              _pick(rows, mode="train", variant="diffusers_compiled", batch=b), 1.05)
-        ratio(f"train step b{b}: ours compiled vs ours eager", _pick(rows, mode="train", variant="ours_compiled", batch=b),
-              ours, 1.15)
+        amp = ours["dtype"] if ours else "float32"
+
+        def row(variant: str, b: int = b) -> dict | None:
+            return _pick(rows, mode="train", variant=variant, batch=b)
+
+        ratio(f"train step b{b}: ours default ({amp}) vs diffusers as shipped (fp32)", ours, row("diffusers"), 1.2)
+        ratio(f"train step b{b}: ours default vs diffusers best (cl + fused + {amp})", ours, row("diffusers_best"), 1.05)
+        ratio(f"train step b{b}: ours fp32 vs diffusers best fp32 (cl + fused)", row("ours_fp32"),
+              row("diffusers_best_fp32"), None)
+        ratio(f"train step b{b}: ours default, {amp} vs fp32 autocast gain", ours, row("ours_fp32"), None)
+        ratio(f"train step b{b}: ours default with a default AdamW vs diffusers as shipped", row("ours_plain_opt"),
+              row("diffusers"), None)
+        ratio(f"train step b{b}: ours compiled vs diffusers compiled", row("ours_compiled"), row("diffusers_compiled"),
+              1.05)
+        ratio(f"train step b{b}: ours compiled vs ours eager", row("ours_compiled"), ours, 1.15)
     bmax = max(batches)
     ratio(f"inference b{bmax}: ours vs diffusers as shipped", _pick(rows, mode="infer", variant="ours", batch=bmax),
           _pick(rows, mode="infer", variant="diffusers", batch=bmax), None)
     ratio(f"inference b{bmax}: ours compiled vs ours eager", _pick(rows, mode="infer", variant="ours_compiled",
           batch=bmax), _pick(rows, mode="infer", variant="ours", batch=bmax), None)
+    for a in autocast or []:
+        out.append({"what": f"{a['model']} UNet train step b{a['batch']}: default ({a['dtype']}) vs float32",
+                    "ours": a["default_images_per_s"], "reference": a["fp32_images_per_s"], "ratio": a["ratio"],
+                    "target": None})
     for s in sampling:
         out.append({"what": f"{s['sampler']}-{s['steps']} sampling b{s['batch']} vs diffusers loop "
                     f"(max |img diff| {s['max_abs_image_diff']:.1e})", "ours": s["ours_images_per_s"],
@@ -345,12 +412,12 @@ def summary(train: dict[str, Any], sampling: list[dict], overhead: list[dict], m
                     "ours": o["ours_us_per_step"], "reference": o["diffusers_us_per_step"],
                     "ratio": o["diffusers_us_per_step"] / o["ours_us_per_step"], "target": None})
     for mode, target in (("train", 0.7), ("infer", 0.8)):
-        for variant in ("ours", "ours_compiled"):
+        for variant in ("ours", "ours_fp32", "ours_compiled"):
             r = _pick(rows, mode=mode, variant=variant, batch=bmax)
-            if r:
-                out.append({"what": f"{mode} b{bmax} {variant} GFLOP/s vs {2048}^2 matmul GFLOP/s",
-                            "ours": r["gflop_per_s"], "reference": mm, "ratio": r["gflop_per_s"] / mm,
-                            "target": target})
+            if r and r["dtype"] in mm:  # each row against the matmul rate of its own dtype
+                out.append({"what": f"{mode} b{bmax} {variant} ({r['dtype']}) GFLOP/s vs 2048^2 {r['dtype']} matmul",
+                            "ours": r["gflop_per_s"], "reference": mm[r["dtype"]],
+                            "ratio": r["gflop_per_s"] / mm[r["dtype"]], "target": target})
     return out
 
 
@@ -360,11 +427,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--compile", action="store_true", help="add the compiled rows (slow to compile on CPU)")
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds of the training rows")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
-    p.add_argument("--sections", default="train,sample,overhead", help="subset of train,sample,overhead")
+    p.add_argument("--sections", default="train,autocast,sample,overhead",
+                   help="subset of train,autocast,sample,overhead")
     p.add_argument("--train-batches", default=None, help="comma-separated training batch sizes (default 8,16)")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="cpu: process CPU time, steadier than wall time on an oversubscribed machine (use --threads 1)")
     p.add_argument("--out", type=Path, default=RESULTS / "perf_suite_cpu.json")
+    p.add_argument("--markdown", type=Path, default=None,
+                   help="also write the summary as a Markdown table (the README's perf table is pasted from it)")
     args = p.parse_args(argv)
     args.train_batches = [int(b) for b in args.train_batches.split(",")] if args.train_batches \
         else ([2] if args.quick else [8, 16])
@@ -381,23 +451,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from diffusers import __version__ as diffusers_version
 
     load_before = os.getloadavg()
-    mm = matmul_gflops(rounds=args.rounds)
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    mm = {k: matmul_gflops(rounds=args.rounds, dtype=d) for k, d in dtypes.items()}
     torch.manual_seed(0)
     reference = UNet2DModel(**DDPM_CIFAR10)
     train = training_section(args, reference) if "train" in sections else {"rows": []}
+    autocast = autocast_section(args) if "autocast" in sections else []
     sampling = sampling_section(args) if "sample" in sections else []
     overhead = overhead_section(args) if "overhead" in sections else []
-    mm_after = matmul_gflops(rounds=args.rounds)
-    table = summary(train, sampling, overhead, statistics.mean([mm, mm_after]), args.train_batches) if train["rows"] \
-        else summary({"rows": []}, sampling, overhead, mm, [0])
+    mm_after = {k: matmul_gflops(rounds=args.rounds, dtype=d) for k, d in dtypes.items()}
+    mm_mean = {k: statistics.mean([mm[k], mm_after[k]]) for k in dtypes}
+    table = summary(train, sampling, overhead, mm_mean, args.train_batches, autocast) if train["rows"] \
+        else summary({"rows": []}, sampling, overhead, mm_mean, [0], autocast)
 
     print(f"\nperf suite: torch {torch.__version__}, diffusers {diffusers_version}, threads "
           f"{torch.get_num_threads()}, loadavg before {load_before[0]:.2f} after {os.getloadavg()[0]:.2f}, "
-          f"matmul {mm:.0f}/{mm_after:.0f} GFLOP/s")
-    print(f"{'what':<92s} {'ours':>10s} {'ref':>10s} {'ratio':>7s} {'target':>7s}")
+          f"matmul GFLOP/s before/after: " + ", ".join(f"{k} {mm[k]:.0f}/{mm_after[k]:.0f}" for k in dtypes))
+    print(f"{'what':<96s} {'ours':>10s} {'ref':>10s} {'ratio':>7s} {'target':>7s}")
     for r in table:
         tgt = f"{r['target']:.2f}" if r["target"] is not None else "-"
-        print(f"{r['what']:<92s} {r['ours']:10.2f} {r['reference']:10.2f} {r['ratio']:7.3f} {tgt:>7s}")
+        print(f"{r['what']:<96s} {r['ours']:10.2f} {r['reference']:10.2f} {r['ratio']:7.3f} {tgt:>7s}")
     report = {
         "benchmark": "perf_suite (issue 14)",
         "command": " ".join(["perf_suite.py", *(argv if argv is not None else sys.argv[1:])]),
@@ -406,14 +479,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "platform": platform.platform(), "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
         "fast_defaults": fast_defaults("cpu"), "cpu_warmup_batch_sizes": list(CPU_WARMUP_BATCH_SIZES),
         "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
-        "matmul_2048_gflop_per_s": [mm, mm_after],
+        "matmul_2048_gflop_per_s": {k: [mm[k], mm_after[k]] for k in dtypes},
+        "train_autocast_dtype": fast_defaults("cpu")["train_autocast_dtype"],
         "note": "medians of interleaved rounds; on a shared machine wall times are noisy (see loadavg)",
-        "summary": table, "training": train, "sampling": sampling, "overhead": overhead,
+        "summary": table, "training": train, "autocast": autocast, "sampling": sampling, "overhead": overhead,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2, default=str) + "\n")
     print(f"wrote {args.out}")
+    if args.markdown:
+        args.markdown.write_text(markdown_table(report))
+        print(f"wrote {args.markdown}")
     return report
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+    """The summary as a Markdown table, with the run's facts (threads, load average) in a header line."""
+    lines = [f"perf_suite: torch {report['torch']}, diffusers {report['diffusers']}, {report['threads']} threads, "
+             f"training autocast {report['train_autocast_dtype']}, load average "
+             f"{report['loadavg_before'][0]:.1f} -> {report['loadavg_after'][0]:.1f}", "",
+             "| what | ours | reference | ratio | target |", "|---|---:|---:|---:|---:|"]
+    for r in report["summary"]:
+        tgt = f"{r['target']:.2f}" if r["target"] is not None else "-"
+        lines.append(f"| {r['what']} | {r['ours']:.2f} | {r['reference']:.2f} | {r['ratio']:.3f} | {tgt} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

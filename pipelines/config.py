@@ -178,7 +178,10 @@ class TrainConfig(_Section):
     warmup_steps: int = Field(100, ge=0)
     grad_clip: float | None = Field(1.0, gt=0)
     ema_decays: list[float] = Field([0.999], min_length=1, description="EMA rates; the first is registered.")
-    mixed_precision: Literal["no", "bf16", "fp16"] = Field("bf16", description="Autocast dtype on GPU (CPU: fp32).")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field(
+        "bf16", description="Training autocast dtype where the device runs it natively, else fp32: bf16 on CUDA with "
+        "bf16 and on CPUs with AMX/AVX512-BF16, fp16 (with a GradScaler) on CUDA and AMX-FP16 CPUs; 'no': fp32. "
+        "Logged as the MLflow param fast.train_autocast_dtype. Sampling, evaluation and serving are fp32.")
     compile: bool = False
     seed: int = 0
     log_every: int = Field(25, ge=1)
@@ -197,6 +200,14 @@ class TrainConfig(_Section):
     storage_path: str | None = Field(
         None, description="Ray Train checkpoint storage (s3://, gs://, shared FS); None: workspace/ray_results."
     )
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _quoted_no(cls, v: Any) -> Any:
+        if isinstance(v, bool):  # YAML 1.1 reads a bare `no` as false; say so instead of "got False"
+            raise ValueError(f"must be one of 'no', 'bf16', 'fp16' (got the boolean {v}: YAML reads a bare no "
+                             "as false, so quote it: mixed_precision: 'no')")
+        return v
 
     @field_validator("ema_decays")
     @classmethod

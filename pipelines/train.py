@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel
 
-from diffusion_core.models import compile_unet, fast_defaults
+from diffusion_core.models import autocast_forward, compile_unet, fast_defaults, train_autocast_dtype
 from pipelines.config import ConfigError, PipelineConfig, dump_yaml
 from pipelines.data import DataResult, check_shard_count, make_loader, split_shards
 from pipelines.images import NORMALISATION
@@ -152,8 +152,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     threads = tc.threads_per_worker or max(1, int(tc.cpus_per_worker))
     torch.set_num_threads(threads)  # Ray sets OMP_NUM_THREADS from num_cpus; make the choice explicit
     device = ray.train.torch.get_device()
-    use_amp = device.type == "cuda" and tc.mixed_precision != "no"
-    amp_dtype = torch.bfloat16 if tc.mixed_precision == "bf16" else torch.float16
+    amp_dtype = train_autocast_dtype(device, tc.mixed_precision)  # the core's per-device rule; None: fp32
 
     # Build the network, the diffusion and the training state (the same initial weights on every rank).
     torch.manual_seed(tc.seed)
@@ -162,7 +161,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                       num_classes=data.num_classes, learn_sigma=cfg.diffusion.learn_sigma).to(device)
     conditional = unet.config.get("num_classes") is not None
     state = TrainState.create(unet, build_timestep_sampler(cfg.diffusion, diffusion), tc, device=device,
-                              fp16=use_amp and tc.mixed_precision == "fp16")
+                              fp16=amp_dtype == torch.float16)  # a GradScaler only for fp16
 
     # Resume from the newest valid checkpoint, else start fresh; either way each rank gets its own noise.
     resumed = restore_latest(state, ray.train.get_checkpoint(), rank=rank, device=device,
@@ -177,6 +176,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     # Wrap the network for DDP.
     model = compile_unet(unet) if tc.compile else unet  # inductor; state_dict keys stay unprefixed
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False})
+    network = autocast_forward(model, device, amp_dtype)  # the UNet in amp_dtype, its output and the loss in fp32
 
     # Open this rank's data stream.
     loader = make_loader(data.train_urls, rank=rank, world_size=world, batch_size=tc.batch_size,
@@ -199,10 +199,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         monitor = start_system_metrics(run_id, enabled=tc.system_metrics, interval_s=tc.system_metrics_interval_s,
                                        tracking_uri=config["tracking_uri"])
         client.log_param(run_id, f"threads_per_worker_rank0_attempt{start_step}", threads)
-        for k, v in fast_defaults(device).items():  # the per-device speed choices, as MLflow params
+        # the per-device speed choices, as MLflow params (fast.train_autocast_dtype: what mixed_precision resolved to)
+        for k, v in fast_defaults(device, tc.mixed_precision).items():
             client.log_param(run_id, f"fast.{k}", v)
-        print(f"[train] world_size={world} device={device} threads/worker={threads} amp={use_amp} "
-              f"compile={tc.compile} start_step={start_step}/{tc.max_steps}", flush=True)
+        print(f"[train] world_size={world} device={device} threads/worker={threads} "
+              f"autocast={amp_dtype or torch.float32} compile={tc.compile} start_step={start_step}/{tc.max_steps}",
+              flush=True)
     node_ids = gather_node_ids()  # [storage/cluster] a collective: every rank reports its Ray node
     if rank == 0:
         client.set_tag(run_id, "ray.node_ids", json.dumps(node_ids))
@@ -216,8 +218,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         x, y = next(batches)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         t, weights = state.timestep_sampler.sample(x.shape[0], device)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-            losses = diffusion.training_losses(model, x, t, model_kwargs={"y": y} if conditional else {})
+        losses = diffusion.training_losses(network, x, t, model_kwargs={"y": y} if conditional else {})
         per_example = losses["loss"].float()
         loss = (per_example * weights).mean()
 

@@ -12,6 +12,7 @@ import mlflow
 import pytest
 import torch
 
+from diffusion_core.models import cpu_has_native_bf16
 from pipelines.config import ConfigError, load_config
 from pipelines.evaluate.gate import DECISION_TAGS
 from pipelines.model_io import load_model
@@ -53,6 +54,9 @@ def test_two_workers_train_track_and_register(trained_model, tiny_cfg):
     run = client.get_run(res.mlflow_run_id)
     assert run.data.params["train.num_workers"] == "2" and run.data.params["world_size"] == "2"
     assert run.data.params["torch_version"] == torch.__version__
+    # train.mixed_precision=bf16 (the default) resolved by the core's per-device rule, logged with the fast defaults
+    assert run.data.params["train.mixed_precision"] == "bf16"
+    assert run.data.params["fast.train_autocast_dtype"] == ("bfloat16" if cpu_has_native_bf16() else "float32")
     losses = [m.value for m in client.get_metric_history(res.mlflow_run_id, "loss")]
     assert len(losses) == tiny_cfg.train.max_steps // tiny_cfg.train.log_every
     assert losses[-1] < losses[0]  # the loss went down
@@ -177,7 +181,7 @@ def test_registration_killed_between_steps_resumes_without_a_duplicate(trained_m
 
 def test_nonfinite_losses_stop_the_run_and_keep_the_checkpoint(ray_session, tiny_workspace, tiny_data):
     cfg = tiny_config(tiny_workspace, "train.run_name=nan", "train.max_steps=40", "train.checkpoint_every=5",
-                      "train.max_nonfinite_steps=3", "train.sample_every=1000")
+                      "train.max_nonfinite_steps=3", "train.sample_every=1000", "train.mixed_precision='no'")
     with pytest.raises(RuntimeError, match=r"3 consecutive non-finite losses at step 8"):
         run_training(cfg, tiny_data, faults=FaultInjection(nan_from_step=8, kill_delay_s=0))
     ckpts = sorted((cfg.workspace.ray_results / "nan").glob("checkpoint_0*"))
@@ -187,6 +191,7 @@ def test_nonfinite_losses_stop_the_run_and_keep_the_checkpoint(ray_session, tiny
         [mlflow.get_experiment_by_name(cfg.registry.experiment_name).experiment_id],
         "tags.ray_run_name = 'nan'")[0]
     assert run.info.status == "FAILED"
+    assert run.data.params["fast.train_autocast_dtype"] == "float32"  # mixed_precision=no: fp32 on every device
 
 
 @pytest.mark.parametrize(("override", "field"), [("train.num_workers=0", "train.num_workers"),

@@ -12,11 +12,15 @@ from diffusion_core.models import (
     CPU_WARMUP_BATCH_SIZES,
     CompiledUNet,
     UNet,
+    autocast_forward,
+    compile_options,
     compile_unet,
+    cpu_has_native_bf16,
     fast_defaults,
     is_compiled,
     load_diffusers_unet2d,
     optimizer_kwargs,
+    train_autocast_dtype,
 )
 
 from .test_unet import TINY, randomize_
@@ -30,6 +34,96 @@ def test_fast_defaults_is_a_flat_loggable_dict_per_device() -> None:
     assert fast_defaults("cpu")["optimizer"] == "fused" and optimizer_kwargs("cpu") == {"fused": True}
     assert optimizer_kwargs("mps") == {"foreach": True}
     assert fast_defaults("cuda")["tf32_matmul"] and not fast_defaults("cpu")["tf32_matmul"]
+    # aten's dropout RNG inside compiled graphs on CPU only; a mode's own options are kept
+    assert compile_options("cpu") == {"fallback_random": True} and compile_options("cuda") == {}
+    assert compile_options("cuda", "max-autotune")["max_autotune"] and "fallback_random" not in compile_options("cuda")
+    assert fast_defaults("cpu")["compile_fallback_random"] and not fast_defaults("cuda")["compile_fallback_random"]
+
+
+def _cpu_probes(monkeypatch: pytest.MonkeyPatch, amx: bool, avx512_bf16: bool, amx_fp16: bool = False) -> None:
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_fp16_supported", lambda: amx_fp16)
+
+
+@pytest.mark.parametrize(("amx", "avx512_bf16", "expected"), [(False, False, None), (True, False, torch.bfloat16),
+                                                             (False, True, torch.bfloat16), (True, True, torch.bfloat16)])
+def test_cpu_autocast_is_bf16_only_where_the_cpu_runs_it_natively(monkeypatch, amx, avx512_bf16, expected) -> None:
+    _cpu_probes(monkeypatch, amx, avx512_bf16)
+    assert cpu_has_native_bf16() is (expected is not None)
+    assert train_autocast_dtype("cpu", "bf16") is expected and train_autocast_dtype("cpu") is expected
+    assert fast_defaults("cpu")["train_autocast_dtype"] == ("bfloat16" if expected else "float32")
+    assert train_autocast_dtype("cpu", "no") is None  # "no" is fp32 everywhere
+    assert fast_defaults("cpu", "no")["train_autocast_dtype"] == "float32"
+    assert train_autocast_dtype("cpu", "fp16") is None  # no AMX-FP16: fp16 would be emulated
+    _cpu_probes(monkeypatch, amx, avx512_bf16, amx_fp16=True)
+    assert train_autocast_dtype("cpu", "fp16") is torch.float16
+
+
+@pytest.mark.parametrize("bf16_supported", [True, False])
+def test_cuda_autocast_follows_the_gpus_bf16_support(monkeypatch, bf16_supported) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: bf16_supported)
+    assert train_autocast_dtype("cuda", "bf16") is (torch.bfloat16 if bf16_supported else None)
+    assert train_autocast_dtype("cuda", "fp16") is torch.float16 and train_autocast_dtype("cuda", "no") is None
+    assert fast_defaults("cuda", "fp16")["train_autocast_dtype"] == "float16"
+    assert train_autocast_dtype("mps", "bf16") is None  # no rule for other devices: fp32
+    with pytest.raises(ValueError, match="'no', 'bf16', 'fp16'"):
+        train_autocast_dtype("cpu", "fp8")  # type: ignore[arg-type]
+
+
+def _bf16_vs_fp32_step(seed: int) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]], list[UNet], set]:
+    """One hybrid-loss training step (learned variance: MSE + vb terms) of the same UNet in fp32 and under
+    bf16 autocast: losses, gradients, the stepped models and the dtypes the convolutions produced under bf16."""
+    d = GaussianDiffusion(betas=get_named_beta_schedule("cosine", 1000), model_mean_type="epsilon",
+                          model_var_type="learned_range", loss_type="mse")
+    ref = randomize_(UNet(**{**TINY, "out_channels": 6, "num_classes": 3}), seed=seed).train()
+    g = torch.Generator().manual_seed(seed)
+    x, t = torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 1000, (8,), generator=g)
+    noise, y = torch.randn(8, 3, 8, 8, generator=g), torch.arange(8) % 3
+    losses, grads, models, conv_dtypes = [], [], [], set()
+    for dtype in (None, torch.bfloat16):
+        m = copy.deepcopy(ref)
+        if dtype is not None:
+            m.conv_in.register_forward_hook(lambda _m, _i, out: conv_dtypes.add(out.dtype))
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-3, **optimizer_kwargs("cpu"))
+        torch.manual_seed(0)  # the same dropout masks (none in TINY) and the same everything else
+        terms = d.training_losses(autocast_forward(m, "cpu", dtype), x, t, model_kwargs={"y": y}, noise=noise)
+        assert all(v.dtype == torch.float32 for v in terms.values())  # the loss terms are computed in fp32
+        loss = terms["loss"].mean()
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters()})
+        opt.step()
+        models.append(m)
+    return losses, grads, models, conv_dtypes
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_bf16_autocast_training_step_matches_fp32(seed) -> None:
+    (l32, l16), (g32, g16), (m32, m16), conv_dtypes = _bf16_vs_fp32_step(seed)
+    assert conv_dtypes == {torch.bfloat16}  # the network really ran in bf16
+    # bf16 keeps 8 mantissa bits (relative rounding 2^-9 per op). Tolerances: loss 1%, gradient 2% (relative
+    # L2 over all parameters) and cosine >= 0.999; measured: loss <= 0.1%, gradient 0.3-0.7%, cosine 0.99998.
+    assert float((l16 - l32).abs() / l32) < 1e-2
+    assert l16 != l32  # ... and so it is not bit-identical to fp32
+    flat32 = torch.cat([v.flatten() for v in g32.values()])
+    flat16 = torch.cat([g16[n].flatten() for n in g32])
+    assert float((flat16 - flat32).norm() / flat32.norm()) < 2e-2
+    assert float(F.cosine_similarity(flat16, flat32, dim=0)) > 0.999
+    assert all(g.dtype == torch.float32 for g in g16.values())  # master weights and gradients stay fp32
+    start = randomize_(UNet(**{**TINY, "out_channels": 6, "num_classes": 3}), seed=seed).state_dict()
+    for name, p in m16.named_parameters():  # the step ran and moved every parameter with a nonzero gradient
+        assert p.dtype == torch.float32 and torch.isfinite(p).all()
+        if g16[name].abs().max() > 0:
+            assert not torch.equal(p.detach(), start[name]), name
+
+
+def test_autocast_forward_with_no_dtype_is_the_model_itself() -> None:
+    model = UNet(**TINY)
+    assert autocast_forward(model, "cpu", None) is model
+    x, t = torch.randn(2, 3, 8, 8), torch.zeros(2, dtype=torch.long)
+    assert autocast_forward(model, "cpu", torch.bfloat16)(x, t).dtype == torch.float32
 
 
 def test_unet_and_diffusers_import_default_to_channels_last() -> None:

@@ -104,3 +104,13 @@ def test_serve_pack_ratio_auto_is_decided_by_device():
     assert load_config(None, ["serve.pack_ratio=null"]).serve.pack_ratio is None
     with pytest.raises(ConfigError, match="serve.pack_ratio"):
         load_config(None, ["serve.pack_ratio=0.5"])
+
+
+def test_mixed_precision_accepts_its_three_values_and_explains_a_bare_yaml_no():
+    for value in ("'no'", "bf16", "fp16"):
+        assert load_config(None, [f"train.mixed_precision={value}"]).train.mixed_precision == value.strip("'")
+    assert load_config(None, []).train.mixed_precision == "bf16"
+    with pytest.raises(ConfigError, match=r"train\.mixed_precision.*YAML reads a bare no as false"):
+        load_config(None, ["train.mixed_precision=no"])
+    with pytest.raises(ConfigError, match=r"train\.mixed_precision.*'no', 'bf16' or 'fp16'"):
+        load_config(None, ["train.mixed_precision=fp8"])
