@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import tempfile
 import time
@@ -72,6 +73,7 @@ def run(args: argparse.Namespace) -> dict:
         for tasks in args.tasks:
             times = []
             for r in range(args.repeats):
+                shutil.rmtree(work / f"ws-{tasks}-{r}", ignore_errors=True)  # fresh: a prepared one is skipped
                 cfg = load_config(None, ["data.source=image_folder", f"data.path={src}", f"data.image_size={args.size}",
                                          "data.channels=3", f"data.samples_per_shard={args.samples_per_shard}",
                                          f"data.prepare_tasks={tasks}", f"workspace.root={work}/ws-{tasks}-{r}"])
