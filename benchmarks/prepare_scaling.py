@@ -1,7 +1,7 @@
 """prepare_data scaling: an image folder written as shards serially (1 task, in-process) vs N parallel Ray tasks.
 
 The benchmark generates its own input (no download): ``--images`` JPEGs of ``--src-size`` px in 10 class folders,
-prepared at ``--size`` px RGB. Every setting runs ``--repeats`` times into a fresh workspace (median reported),
+prepared at ``--size`` px RGB. Every setting runs ``--repeats`` times, interleaved, into a fresh workspace (median reported),
 after the Ray workers have been started once (a warm cluster; worker start-up is not what is measured). Each
 parallel output is checked byte-for-byte against the serial one. Prints a table and writes
 benchmarks/results/prepare_scaling.json with the load average before/after (numbers from a busy machine mean
@@ -51,6 +51,37 @@ def shard_bytes(res) -> dict[str, bytes]:
             for u in [*res.train_urls, *res.test_urls]}
 
 
+def _write_some(src: str, size: int, samples_per_shard: int, n_shards: int, out: str) -> float:
+    """Seconds to write the first ``n_shards`` shards of ``src`` in this process (no Ray): the plain CPU work."""
+    from pipelines.config import load_config
+    from pipelines.data.prepare import _make_source, shard_jobs, write_shard
+
+    cfg = load_config(None, ["data.source=image_folder", f"data.path={src}", f"data.image_size={size}",
+                             "data.channels=3", f"data.samples_per_shard={samples_per_shard}"])
+    jobs = shard_jobs(_make_source(cfg.data).load().splits, samples_per_shard)[:n_shards]
+    t0 = time.perf_counter()
+    for job in jobs:
+        write_shard(out, job, cfg.data)
+    return time.perf_counter() - t0
+
+
+def hardware_scaling(src: Path, args: argparse.Namespace, work: Path, n_shards: int = 4) -> dict:
+    """The machine's own limit for this work: the same shards written by 1 process vs by 2 processes at once
+    (each the whole amount), interleaved; limit = 2 x t(1) / t(2 at once), with no Ray and no coordination."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    one, two = [], []
+    with ctx.Pool(2) as pool:
+        a = (str(src), args.size, args.samples_per_shard, n_shards)
+        pool.starmap(_write_some, [(*a, str(work / "hw-w0")), (*a, str(work / "hw-w1"))])  # warm both
+        for _ in range(args.repeats):
+            one.append(pool.apply(_write_some, (*a, str(work / "hw-0"))))
+            two.append(max(pool.starmap(_write_some, [(*a, str(work / "hw-1")), (*a, str(work / "hw-2"))])))
+    return {"shards_per_process": n_shards, "one_process_s": one, "two_processes_s": two,
+            "limit": 2 * statistics.median(one) / statistics.median(two)}
+
+
 def run(args: argparse.Namespace) -> dict:
     import ray
 
@@ -68,32 +99,33 @@ def run(args: argparse.Namespace) -> dict:
              configure_logging=False, log_to_driver=False)
     ray.get([ray.remote(lambda: __import__("pipelines.data.prepare")).options(num_cpus=1).remote()
              for _ in range(max(args.tasks))])  # warm workers
-    rows, reference = [], None
+    times: dict[int, list[float]] = {tasks: [] for tasks in args.tasks}
+    reference = None
     try:
-        for tasks in args.tasks:
-            times = []
-            for r in range(args.repeats):
+        for r in range(args.repeats):  # interleaved (1, 2, 1, 2, ...): machine drift hits every setting alike
+            for tasks in args.tasks:
                 shutil.rmtree(work / f"ws-{tasks}-{r}", ignore_errors=True)  # fresh: a prepared one is skipped
                 cfg = load_config(None, ["data.source=image_folder", f"data.path={src}", f"data.image_size={args.size}",
                                          "data.channels=3", f"data.samples_per_shard={args.samples_per_shard}",
                                          f"data.prepare_tasks={tasks}", f"workspace.root={work}/ws-{tasks}-{r}"])
                 t0 = time.perf_counter()
                 res = prepare_data(cfg, progress=False)
-                times.append(time.perf_counter() - t0)
+                times[tasks].append(time.perf_counter() - t0)
                 out = shard_bytes(res)
                 if reference is None:
                     reference = (res.fingerprint, out)
                 elif (res.fingerprint, out) != reference:
                     raise AssertionError(f"{tasks} tasks wrote different bytes than the serial run")
-            rows.append({"tasks": tasks, "seconds": statistics.median(times), "all_seconds": times,
-                         "images_per_sec": args.images / statistics.median(times)})
+        rows = [{"tasks": tasks, "seconds": statistics.median(ts), "all_seconds": ts,
+                 "images_per_sec": args.images / statistics.median(ts)} for tasks, ts in times.items()]
     finally:
         ray.shutdown()
     for row in rows:
         row["speedup"] = rows[0]["seconds"] / row["seconds"]
+    hw = hardware_scaling(src, args, work)
     return {"benchmark": "prepare_scaling", "images": args.images, "src_size": args.src_size, "size": args.size,
             "samples_per_shard": args.samples_per_shard, "repeats": args.repeats, "quick": args.quick,
-            "rows": rows, "byte_identical": True, "cpu_count": os.cpu_count(),
+            "rows": rows, "hardware_2_process_limit": hw, "byte_identical": True, "cpu_count": os.cpu_count(),
             "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "python": platform.python_version(),
             "ray_version": ray.__version__, "unix_time": time.time()}
 
@@ -118,6 +150,8 @@ def main() -> None:
     print(f"{'tasks':>5} {'seconds':>9} {'images/s':>10} {'speedup':>8}")
     for row in result["rows"]:
         print(f"{row['tasks']:>5} {row['seconds']:>9.2f} {row['images_per_sec']:>10.0f} {row['speedup']:>7.2f}x")
+    hw = result["hardware_2_process_limit"]
+    print(f"hardware limit, the same shards in 1 vs 2 plain processes at once (no Ray): {hw['limit']:.2f}x")
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -10,8 +10,8 @@ the image folder's listing with sizes and mtimes) plus the data settings that ch
 (source, image_size, channels, samples_per_shard, test_fraction, split_seed) and the format version. Loader
 settings (workers, shuffle buffer, flip, on_error) and ``prepare_tasks`` do not change it.
 
-Scale-out: the splits are cut into shards (:func:`shard_jobs`), and ``data.prepare_tasks`` Ray tasks each write
-a contiguous range of them. A shard's bytes depend only on its records and their offset, and the channel
+Scale-out: the splits are cut into shards (:func:`shard_jobs`), and at most ``data.prepare_tasks`` Ray tasks at a
+time each write a contiguous range of them (a few ranges per task, handed out as tasks finish). A shard's bytes depend only on its records and their offset, and the channel
 statistics are combined from exact integer sums, so the output is byte-identical for any number of tasks.
 
 Atomicity (nothing looks finished until everything is):
@@ -315,8 +315,14 @@ def _num_tasks(d: DataConfig, n_images: int) -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
+# Work units per parallel task: small ranges handed out as workers free up balance uneven workers (measured: two
+# contiguous halves of 20k JPEGs finished 8.0 s vs 11.4 s apart on 2 cores), at ~ms of Ray overhead per unit.
+UNITS_PER_TASK = 4
+
+
 def _run_parallel(out: str, jobs: list[ShardJob], d: DataConfig, tasks: int, *, pin: bool):
-    """Yield the entries of ``tasks`` Ray tasks, each writing a contiguous range of shards, as they finish."""
+    """Yield the entries of contiguous ranges of shards (``UNITS_PER_TASK`` per task) written as Ray tasks, at
+    most ``tasks`` at a time, each handed out when a running one finishes, as they finish."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -326,10 +332,13 @@ def _run_parallel(out: str, jobs: list[ShardJob], d: DataConfig, tasks: int, *, 
     if pin:
         opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     remote = ray.remote(_write_batch).options(**opts)
-    bounds = np.linspace(0, len(jobs), min(tasks, len(jobs)) + 1).round().astype(int)
-    pending = [remote.remote(out, jobs[a:b], d) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    bounds = np.linspace(0, len(jobs), min(tasks * UNITS_PER_TASK, len(jobs)) + 1).round().astype(int)
+    todo = [jobs[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)][::-1]
+    pending: list = []
     try:
-        while pending:
+        while todo or pending:
+            while todo and len(pending) < tasks:
+                pending.append(remote.remote(out, todo.pop(), d))
             done, pending = ray.wait(pending, num_returns=1)
             yield ray.get(done[0])
     finally:  # on failure: stop the other writers and wait for them, so none writes after the cleanup
