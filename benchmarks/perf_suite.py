@@ -501,7 +501,8 @@ def markdown_table(report: dict[str, Any]) -> str:
              "| what | ours | reference | ratio | target |", "|---|---:|---:|---:|---:|"]
     for r in report["summary"]:
         tgt = f"{r['target']:.2f}" if r["target"] is not None else "-"
-        lines.append(f"| {r['what']} | {r['ours']:.2f} | {r['reference']:.2f} | {r['ratio']:.3f} | {tgt} |")
+        what = r["what"].replace("|", "\\|")  # a literal | (e.g. max |img diff|) would end the cell
+        lines.append(f"| {what} | {r['ours']:.2f} | {r['reference']:.2f} | {r['ratio']:.3f} | {tgt} |")
     return "\n".join(lines) + "\n"
 
 
