@@ -65,7 +65,7 @@ def _write_some(src: str, size: int, samples_per_shard: int, n_shards: int, out:
     return time.perf_counter() - t0
 
 
-def hardware_scaling(src: Path, args: argparse.Namespace, work: Path, n_shards: int = 4) -> dict:
+def hardware_scaling(src: Path, args: argparse.Namespace, work: Path, n_shards: int = 10) -> dict:
     """The machine's own limit for this work: the same shards written by 1 process vs by 2 processes at once
     (each the whole amount), interleaved; limit = 2 x t(1) / t(2 at once), with no Ray and no coordination."""
     import multiprocessing as mp
