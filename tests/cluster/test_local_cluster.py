@@ -120,7 +120,7 @@ def test_resubmitted_job_skips_finished_stages(cluster, demo):
 
 def test_node_loss_resumes_from_the_s3_checkpoint(cluster, demo):
     """kill -9 the worker node's raylet after a checkpoint; the node comes back; the run ends at max_steps."""
-    steps = 80
+    steps = 60
     sets = [a for o in [*TINY, "train.run_name=tiny-loss", f"train.max_steps={steps}", "train.max_failures=3",
                         # a restarted worker group that does not get its placement group within 60 s (seen once
                         # under CI load after the node rejoined) gives up, and the next attempt asks afresh
@@ -130,7 +130,7 @@ def test_node_loss_resumes_from_the_s3_checkpoint(cluster, demo):
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + 600
-        while not cluster.keys("ray-results/tiny-loss/checkpoint_00000040/") and time.time() < deadline:
+        while not cluster.keys("ray-results/tiny-loss/checkpoint_00000020/") and time.time() < deadline:
             assert job.poll() is None, job.stdout.read()[-4000:]
             time.sleep(0.3)
         lost = _alive_node_ids(cluster)
@@ -168,7 +168,7 @@ def test_node_lost_for_good_fails_saying_so(cluster, demo):
     """Without the worker node, the restarted worker group cannot start: the run fails within a bounded time
     (train.resource_wait_s per attempt, max_failures + 1 attempts) naming the cause, instead of waiting forever."""
     job = _submit_training(cluster, "train.run_name=tiny-gone", "train.max_steps=2000", "train.max_failures=1",
-                           "train.resource_wait_s=15", "train.sample_every=100000")
+                           "train.resource_wait_s=10", "train.sample_every=100000")
     try:
         deadline = time.time() + 600
         while not cluster.keys("ray-results/tiny-gone/checkpoint_00000020/") and time.time() < deadline:
@@ -182,7 +182,7 @@ def test_node_lost_for_good_fails_saying_so(cluster, demo):
         cluster.cli("worker-up")
     assert job.returncode != 0
     out += cluster.job_logs(out)
-    assert "lacks the resources for train.num_workers=2" in out and "train.resource_wait_s=15" in out, out[-4000:]
+    assert "lacks the resources for train.num_workers=2" in out and "train.resource_wait_s=10" in out, out[-4000:]
     (run,) = _runs(cluster, "tiny-gone")
     assert run["info"]["status"] == "FAILED"
 
