@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, also w
 
 from diffusion_core import create_diffusion  # noqa: E402
 from diffusion_core.models import UNet  # noqa: E402
-from pipelines.engine import Engine, LoopStats, SampleSpec  # noqa: E402
+from pipelines.engine import Engine, LoopStats, SampleSpec, time_forward  # noqa: E402
 
 T = 1000
 
@@ -87,26 +87,12 @@ def percentile(xs: list[float], q: float) -> float:
     return s[min(len(s) - 1, max(0, int(round(q / 100 * len(s) + 0.5)) - 1))]
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def forward_ms(model: BenchModel, batch: int, repeats: int) -> float:
     """Median milliseconds of one UNet forward of ``batch`` rows (after one warm-up)."""
     x = torch.randn(batch, model.channels, model.image_size, model.image_size, device=model.device)
     t = torch.randint(0, T, (batch,), device=model.device)
     kw = {"y": torch.zeros(batch, dtype=torch.long, device=model.device)} if model.num_classes else {}
-    times = []
-    with torch.no_grad():
-        for i in range(repeats + 1):
-            sync(model.device)
-            start = time.perf_counter()
-            model.unet(x, t, **kw)
-            sync(model.device)
-            if i:
-                times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+    return 1000 * time_forward(model.unet, x, t, kw, repeats)[0]
 
 
 def closed_loop(engine: Engine, concurrency: int, steps: int, seconds: float, max_requests: int) -> dict:

@@ -158,17 +158,11 @@ def model_only_bound(unet, batch: int, steps: int, threads: int, repeats: int = 
 
     torch.set_num_threads(threads)
     unet.eval()
+    from pipelines.engine import time_forward
+
     x = torch.randn(batch, 1, 16, 16)
     t, y = torch.randint(0, 1000, (batch,)), torch.zeros(batch, dtype=torch.long)
-    times, cpu = [], []
-    with torch.no_grad():
-        for i in range(repeats + 1):
-            start, start_cpu = time.perf_counter(), time.thread_time()
-            unet(x, t, y=y)
-            if i:
-                times.append(time.perf_counter() - start)
-                cpu.append(time.thread_time() - start_cpu)
-    fwd, fwd_cpu = statistics.median(times), statistics.median(cpu)
+    fwd, fwd_cpu = time_forward(unet, x, t, {"y": y}, repeats)
     # wall time is the bound; the CPU time tells how much of it other load on the machine took
     return {"batch": batch, "forward_ms": round(fwd * 1000, 2), "forward_cpu_ms": round(fwd_cpu * 1000, 2),
             "images_per_s": round(batch / (steps * fwd), 3)}

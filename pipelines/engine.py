@@ -47,6 +47,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import statistics
 import threading
 import time
 from collections.abc import Callable
@@ -62,7 +63,8 @@ from diffusion_core.steps import ddim_step, ddpm_step, dpm_solver_step, guided_o
 log = logging.getLogger(__name__)
 
 __all__ = ["SampleSpec", "SampleResult", "Ticket", "Engine", "EngineError", "TooCostly", "Overloaded",
-           "NotReady", "Cancelled", "TimedOut", "LoopStats", "request_cost", "batch_buckets", "calibrate_pack_rows"]
+           "NotReady", "Cancelled", "TimedOut", "LoopStats", "request_cost", "batch_buckets", "calibrate_pack_rows",
+           "time_forward"]
 
 
 # ---------------------------------------------------------------------------------------------- errors
@@ -286,24 +288,33 @@ class _Slot:
         return self.null > 0
 
 
+def time_forward(forward: Callable[..., torch.Tensor], x: torch.Tensor, t: torch.Tensor,
+                 kwargs: dict[str, Any] | None = None, repeats: int = 3) -> tuple[float, float]:
+    """Median wall and calling-thread CPU seconds of ``repeats`` calls ``forward(x, t, **kwargs)`` under no_grad,
+    after one untimed warm-up (CUDA synchronised around each); (0, 0) for ``repeats=0`` (warm-up only)."""
+    cuda = x.device.type == "cuda"
+    walls, cpus = [], []
+    with torch.no_grad():
+        for i in range(repeats + 1):
+            if cuda:
+                torch.cuda.synchronize(x.device)
+            start, start_cpu = time.perf_counter(), time.thread_time()
+            forward(x, t, **(kwargs or {}))
+            if cuda:
+                torch.cuda.synchronize(x.device)
+            if i:
+                walls.append(time.perf_counter() - start)
+                cpus.append(time.thread_time() - start_cpu)
+    return (statistics.median(walls), statistics.median(cpus)) if walls else (0.0, 0.0)
+
+
 def _time_forward(slot: _Slot, rows: int, repeats: int) -> float:
-    """Median wall seconds of ``repeats`` forwards of ``rows`` zero rows (after one untimed warm-up)."""
+    """Median wall seconds of a forward of ``rows`` zero rows of the slot's model (:func:`time_forward`)."""
     m = slot.model
     x = torch.zeros(rows, slot.channels, int(m.image_size), int(m.image_size), device=m.device)
     t = torch.zeros(rows, dtype=torch.long, device=m.device)
     kw = {"y": torch.full((rows,), slot.null, dtype=torch.long, device=m.device)} if slot.conditional else {}
-    times = []
-    with torch.no_grad():
-        for i in range(repeats + 1):
-            if m.device.type == "cuda":
-                torch.cuda.synchronize(m.device)
-            start = time.perf_counter()
-            slot.forward(x, t, **kw)
-            if m.device.type == "cuda":
-                torch.cuda.synchronize(m.device)
-            if i:
-                times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2] if times else 0.0
+    return time_forward(slot.forward, x, t, kw, repeats)[0]
 
 
 _seq = itertools.count()
@@ -387,8 +398,6 @@ class Engine:
         self._pending: _Slot | None = None
         self._thread: threading.Thread | None = None
         self._stop = False
-        self.forwards = 0  # UNet forwards run (for benchmarks and tests)
-        self.rows = 0  # real rows in them
         self.stats = LoopStats()
         self.last_error: str | None = None
         self.counts = {"completed": 0, "cancelled": 0, "timed_out": 0, "failed": 0}  # requests, by outcome
@@ -453,6 +462,16 @@ class Engine:
         return ticket
 
     @property
+    def forwards(self) -> int:
+        """UNet forwards run (for benchmarks and tests)."""
+        return self.stats.forwards
+
+    @property
+    def rows(self) -> int:
+        """Real rows in those forwards."""
+        return self.stats.rows
+
+    @property
     def packing(self) -> tuple[float | None, int | None]:
         """(pack_ratio, pack_rows) that new requests get: pack_rows as set, else as calibrated for the model."""
         slot = self._pending or self._current
@@ -461,10 +480,10 @@ class Engine:
     def health(self) -> dict[str, Any]:
         """Live state: loop alive, model loaded (and version), active requests, queued cost."""
         with self._lock:
+            pack_ratio, pack_rows = self.packing
             return {"loop_alive": self.alive, "model_loaded": self.model is not None, "version": self.version,
                     "active_requests": len(self._active) + len(self._inbox), "queued_cost": self._outstanding,
-                    "max_queue_cost": self.max_queue_cost, "pack_ratio": self.packing[0],
-                    "pack_rows": self.packing[1],
+                    "max_queue_cost": self.max_queue_cost, "pack_ratio": pack_ratio, "pack_rows": pack_rows,
                     "last_error": self.last_error, **self.counts,
                     "stats": self.stats.snapshot()}
 
@@ -624,8 +643,6 @@ class Engine:
             for req, _, _ in chunks:
                 self._finish(req, error=EngineError(self.last_error))
             return
-        self.forwards += 1
-        self.rows += real
         now = time.perf_counter()
         included = {id(r) for r, _, _ in chunks}
         for req in self._active:

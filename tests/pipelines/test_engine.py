@@ -5,6 +5,8 @@ Oracle: ``DiffusionSampler.sample(seed=...)``, i.e. the core loops with one gene
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -22,6 +24,7 @@ from pipelines.engine import (
     batch_buckets,
     calibrate_pack_rows,
     request_cost,
+    time_forward,
 )
 from pipelines.model_io import DiffusionSampler, diffusion_card
 
@@ -272,6 +275,20 @@ def test_calibrate_pack_rows_takes_the_largest_forward_within_its_budget():
     assert calibrate_pack_rows({1: 1.0, 2: 1.0, 4: 1.1, 8: 1.2, 16: 1.3}) == 16  # a GPU: fill
     assert calibrate_pack_rows({1: 5.0, 2: 13.0, 4: 9.0}) == 1  # stops at the first size over the budget
     assert calibrate_pack_rows({1: 5.0, 2: 9.0, 4: 12.0}, factor=3.0) == 4
+
+
+def test_time_forward_warms_up_once_then_takes_the_median_of_its_repeats():
+    calls, delays = [], iter([0.0, 0.03, 0.001, 0.01])  # warm-up (untimed), then 30, 1, 10 ms
+
+    def forward(x, t, y=None):
+        calls.append((x.shape[0], t.shape[0], None if y is None else int(y[0])))
+        time.sleep(next(delays, 0.0))
+
+    x, t = torch.zeros(2, 1, 4, 4), torch.zeros(2, dtype=torch.long)
+    wall, cpu = time_forward(forward, x, t, {"y": torch.full((2,), 7)}, repeats=3)
+    assert calls == [(2, 2, 7)] * 4
+    assert 0.009 <= wall < 0.03 and cpu < wall  # the median of the timed calls; sleeping costs no CPU
+    assert time_forward(forward, x, t, repeats=0) == (0.0, 0.0)  # warm-up only
 
 
 def test_prepare_calibrates_pack_rows_only_when_packing_by_size_without_a_fixed_cap(model):
