@@ -307,6 +307,7 @@ class DiffusionIngress:
                              compile=cfg.compile, pack_ratio=resolve_pack_ratio(cfg.pack_ratio, device),
                              pack_rows=cfg.pack_rows).start()
         self.follower = ModelFollower(self.engine, model_uri, tracking_uri, cfg, device)
+        self.fast = fast_defaults(device)  # the core's per-device choices, reported by /v1/model
 
     def check_health(self) -> None:
         """Serve's replica health check: a dead sampling loop gets the replica restarted."""
@@ -328,7 +329,7 @@ class DiffusionIngress:
             max_samples_per_request=self.cfg.max_samples_per_request, max_batch_size=self.cfg.max_batch_size,
             max_request_cost=self.engine.max_request_cost, reload_interval_s=self.cfg.reload_interval_s,
             device=str(s.device), pack_ratio=self.engine.packing[0], pack_rows=self.engine.packing[1],
-            fast=fast_defaults(s.device),
+            fast=self.fast,
         )
 
     async def describe(self, timeout_s: float = 600.0) -> dict[str, Any]:

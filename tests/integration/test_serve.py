@@ -141,6 +141,10 @@ def test_healthz_and_model_info(served):
     assert info["name"] == "serve-tiny" and info["version"] == "1" and info["run_id"]
     assert (info["image_size"], info["channels"], info["num_classes"]) == (8, 1, 10)
     assert info["num_timesteps"] == T and info["training_steps"] == 0 and info["max_request_cost"] == MAX_COST
+    # serve.pack_ratio auto resolves per device (4 on CPU); pack_rows is calibrated at load, one of the buckets
+    assert info["pack_ratio"] == 4.0 and info["pack_rows"] in (1, 2, 4, 8, 16)
+    assert (health["pack_ratio"], health["pack_rows"]) == (info["pack_ratio"], info["pack_rows"])
+    assert info["fast"]["device_type"] == "cpu" and info["fast"]["channels_last"] is True
     assert "/v1/generate" in requests.get(f"{url}/openapi.json", timeout=30).json()["paths"]
 
 
