@@ -69,17 +69,27 @@ def find_run(experiment_id: str, tag: str, value: str) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
+# Seconds a creator waits before trusting that it won (the longest a rival's insert may lag its start time).
+RACE_GRACE_S = 1.0
+
+
 def find_or_create_run(experiment_id: str, tag: str, value: str, *, run_name: str,
                        tags: dict[str, str] | None = None, client=None) -> tuple[str, bool]:
     """The one run tagged ``tag=value``: (run id, whether this call created it). Safe against concurrent callers:
-    a creator re-reads the runs carrying the tag and keeps the oldest; a losing creator deletes its own run
-    (tagged ``superseded_by``), so every caller ends with the same run id."""
+    a creator re-reads the runs carrying the tag (a winner once more after ``RACE_GRACE_S``) and keeps the
+    oldest; a losing creator deletes its own run (tagged ``superseded_by``), so every caller ends with the same run
+    id. MLflow has no compare-and-set, so a rival whose insert lags by more than the grace can still slip through."""
     client = client or mlflow.MlflowClient()
     existing = _runs_with_tag(client, experiment_id, tag, value)
     if existing:
         return existing[0].info.run_id, False
     mine = client.create_run(experiment_id, run_name=run_name, tags={**(tags or {}), tag: value}).info.run_id
     winner = _runs_with_tag(client, experiment_id, tag, value)[0].info.run_id
+    if winner == mine:
+        # A rival that stamped an older start time may not have been visible yet (its insert committed after our
+        # re-read): look once more after a grace period, so both callers see both runs and keep the same one.
+        time.sleep(RACE_GRACE_S)
+        winner = _runs_with_tag(client, experiment_id, tag, value)[0].info.run_id
     if winner != mine:
         client.set_tag(mine, "superseded_by", winner)
         client.delete_run(mine)
