@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import tempfile
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -325,9 +326,18 @@ class Resumed:
 
 
 @contextmanager
-def _local(checkpoint) -> Iterator[Path]:
-    with checkpoint.as_directory() as d:
-        yield Path(d)
+def _local(checkpoint, rank: int) -> Iterator[Path]:
+    """The checkpoint as a local directory: its own path on a local filesystem, else a download private to this
+    process. Not ``as_directory()``: there the ranks of one node share one download directory, and a rank that
+    arrives after the first download finished downloads again into it, truncating the files another rank has
+    memory-mapped (safetensors), which kills that rank with SIGBUS (seen in Ray 2.60 with S3 checkpoints)."""
+    import pyarrow.fs
+
+    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+        yield Path(checkpoint.path)
+        return
+    with tempfile.TemporaryDirectory(prefix=f"ckpt-rank{rank}-") as tmp:
+        yield Path(checkpoint.to_directory(tmp))
 
 
 def restore_latest(state: TrainState, checkpoint, *, rank: int, device: torch.device,
@@ -341,7 +351,7 @@ def restore_latest(state: TrainState, checkpoint, *, rank: int, device: torch.de
     for candidate in [checkpoint, *_older_checkpoints(checkpoint)]:
         name = candidate.path.rstrip("/").rsplit("/", 1)[-1]
         try:
-            with _local(candidate) as d:
+            with _local(candidate, rank) as d:
                 had_rng = state.load(d, rank=rank, device=device)
         except CheckpointError as e:
             log(f"[train] checkpoint {name} is unusable ({e}); falling back to the previous one")

@@ -203,3 +203,27 @@ def test_the_cuda_generator_state_is_saved_and_restored_per_rank(tmp_path, monke
     for rank in (0, 1):
         assert _state(1)[0].load(tmp_path, rank=rank, device=cuda0) is True
     assert [(s.tolist(), d) for s, d in restored] == [([9, 9], cuda0), ([1, 2, 3], cuda0)]
+
+
+def test_each_rank_restores_a_remote_checkpoint_from_its_own_download(tmp_path):
+    """A checkpoint on a non-local filesystem (S3 in a cluster; here a SubTreeFileSystem) is downloaded into a
+    directory private to the rank: two ranks of one node never rewrite the files the other has memory-mapped."""
+    import pyarrow.fs
+    from ray.train import Checkpoint
+
+    from pipelines.train_state import _local
+
+    a, diffusion = _state(0)
+    _train(a, diffusion, 2)
+    local = tmp_path / "store" / "run" / "checkpoint_00000002"
+    a.save(local)
+    fs = pyarrow.fs.SubTreeFileSystem(str(tmp_path / "store"), pyarrow.fs.LocalFileSystem())
+    remote = Checkpoint("run/checkpoint_00000002", filesystem=fs)
+    with _local(remote, 0) as d0, _local(remote, 1) as d1:
+        assert d0 != d1 and not d0.is_relative_to(tmp_path) and (d0 / "model.safetensors").is_file()
+        assert (d1 / "model.safetensors").read_bytes() == (local / "model.safetensors").read_bytes()
+    assert not d0.exists() and not d1.exists()  # removed on exit
+    with _local(Checkpoint(str(local)), 0) as d:
+        assert d == local  # a local checkpoint is read in place
+    b, _ = _state(1)
+    assert restore_latest(b, remote, rank=1, device=CPU, log=print).name == "checkpoint_00000002" and b.step == 2
