@@ -163,9 +163,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     state = TrainState.create(unet, build_timestep_sampler(cfg.diffusion, diffusion), tc, device=device,
                               fp16=amp_dtype == torch.float16)  # a GradScaler only for fp16
 
-    # Resume from the newest valid checkpoint, else start fresh; either way each rank gets its own noise.
+    # Resume from the newest valid checkpoint in the run's storage (Ray's latest, or a newer one uploaded just
+    # before a node was lost), else start fresh; either way each rank gets its own noise.
+    run_dir = ctx.get_storage()  # DeveloperAPI (Ray 2.60): the run's filesystem and directory
     resumed = restore_latest(state, ray.train.get_checkpoint(), rank=rank, device=device,
-                             log=print if rank == 0 else (lambda _msg: None))
+                             log=print if rank == 0 else (lambda _msg: None),
+                             storage=(run_dir.storage_filesystem, run_dir.experiment_fs_path))
     if resumed is None or not resumed.had_rng:  # fresh start, or a rank the checkpoint's world did not have
         seed_rank(tc.seed, rank, state.step)
     start_step, taken = state.step, set(resumed.skipped if resumed else [])

@@ -304,18 +304,15 @@ def checkpoint_name(step: int, taken: set[str]) -> str:
     return name
 
 
-def _older_checkpoints(checkpoint) -> list:
-    """Ray Train checkpoints next to ``checkpoint`` in its storage, newest first, all older than it."""
+def stored_checkpoints(filesystem, parent: str) -> list:
+    """The Ray Train checkpoints (``checkpoint_<step>[_<n>]`` directories) in ``parent``, newest first."""
     import pyarrow.fs
     import ray.train
 
-    parent, name = checkpoint.path.rstrip("/").rsplit("/", 1)
-    newest = checkpoint_key(name)
-    infos = checkpoint.filesystem.get_file_info(pyarrow.fs.FileSelector(parent))
-    older = [(checkpoint_key(i.base_name), i.path) for i in infos
-             if i.type == pyarrow.fs.FileType.Directory and checkpoint_key(i.base_name) is not None]
-    older = sorted((k, p) for k, p in older if newest is None or k < newest)
-    return [ray.train.Checkpoint(path=p, filesystem=checkpoint.filesystem) for _, p in reversed(older)]
+    infos = filesystem.get_file_info(pyarrow.fs.FileSelector(parent.rstrip("/"), allow_not_found=True))
+    found = sorted((checkpoint_key(i.base_name), i.path) for i in infos
+                   if i.type == pyarrow.fs.FileType.Directory and checkpoint_key(i.base_name) is not None)
+    return [ray.train.Checkpoint(path=p, filesystem=filesystem) for _, p in reversed(found)]
 
 
 @dataclass
@@ -341,14 +338,22 @@ def _local(checkpoint, rank: int) -> Iterator[Path]:
 
 
 def restore_latest(state: TrainState, checkpoint, *, rank: int, device: torch.device,
-                   log: Callable[[str], None] = print) -> Resumed | None:
-    """Load ``state`` from Ray Train's latest checkpoint or, when that is torn or does not load, from the newest
-    older one that is valid (saying which was bad and why). None when there is no checkpoint at all; a
-    CheckpointError when every checkpoint is unusable. Each rank reaches the same choice from the same files."""
-    if checkpoint is None:
-        return None
+                   log: Callable[[str], None] = print, storage: tuple[Any, str] | None = None) -> Resumed | None:
+    """Load ``state`` from the newest valid checkpoint of the run, falling back past torn ones (saying which and
+    why). The candidates are every checkpoint in the run's directory, ``storage`` = (filesystem, path), else the
+    directory of Ray Train's latest ``checkpoint``: a checkpoint uploaded just before a node was lost may be newer
+    than the one Ray's controller had registered (it polls), and the run goes on from it.
+
+    None when there is none (or Ray reported none and none stored is usable: a fresh start); a CheckpointError
+    when Ray reported one and every candidate is unusable. Each rank reaches the same choice from the same files.
+    """
+    if storage is None and checkpoint is not None:
+        storage = (checkpoint.filesystem, checkpoint.path.rstrip("/").rsplit("/", 1)[0])
+    candidates = stored_checkpoints(*storage) if storage is not None else []
+    if checkpoint is not None and checkpoint.path.rstrip("/") not in {c.path.rstrip("/") for c in candidates}:
+        candidates.insert(0, checkpoint)  # Ray's own, wherever it is
     skipped: list[str] = []
-    for candidate in [checkpoint, *_older_checkpoints(checkpoint)]:
+    for candidate in candidates:
         name = candidate.path.rstrip("/").rsplit("/", 1)[-1]
         try:
             with _local(candidate, rank) as d:
@@ -357,6 +362,11 @@ def restore_latest(state: TrainState, checkpoint, *, rank: int, device: torch.de
             log(f"[train] checkpoint {name} is unusable ({e}); falling back to the previous one")
             skipped.append(name)
             continue
+        reported = checkpoint.path.rstrip("/").rsplit("/", 1)[-1] if checkpoint is not None else None
+        if reported is None or (checkpoint_key(reported) or (-1, 0)) < (checkpoint_key(name) or (-1, 0)):
+            log(f"[train] resuming from {name}, newer than the checkpoint Ray Train reported ({reported})")
         return Resumed(name=name, skipped=skipped, had_rng=had_rng)
+    if checkpoint is None:
+        return None
     raise CheckpointError(f"no usable checkpoint next to {checkpoint.path} (unusable: {', '.join(skipped)}); "
                           "move the run directory away to start afresh")

@@ -227,3 +227,30 @@ def test_each_rank_restores_a_remote_checkpoint_from_its_own_download(tmp_path):
         assert d == local  # a local checkpoint is read in place
     b, _ = _state(1)
     assert restore_latest(b, remote, rank=1, device=CPU, log=print).name == "checkpoint_00000002" and b.step == 2
+
+
+def test_resume_takes_a_stored_checkpoint_newer_than_the_one_ray_reported(tmp_path):
+    """A node lost between a checkpoint's upload and the controller's next poll: Ray reports an older checkpoint
+    (or none), the run's storage holds the newer one, and the run goes on from the newer one."""
+    import pyarrow.fs
+    from ray.train import Checkpoint
+
+    a, diffusion = _state(0)
+    for step in (2, 4):
+        _train(a, diffusion, 2)
+        a.save(tmp_path / "run" / f"checkpoint_{step:08d}")
+    storage = (pyarrow.fs.LocalFileSystem(), str(tmp_path / "run"))
+    for reported in (None, Checkpoint(str(tmp_path / "run" / "checkpoint_00000002"))):
+        b, _ = _state(1)
+        said: list[str] = []
+        resumed = restore_latest(b, reported, rank=0, device=CPU, log=said.append, storage=storage)
+        assert resumed.name == "checkpoint_00000004" and b.step == 4 and resumed.skipped == []
+        assert len(said) == 1 and "newer than the checkpoint Ray Train reported" in said[0]
+    _cut(tmp_path / "run" / "checkpoint_00000004" / "model.safetensors")  # the upload was cut short
+    b, _ = _state(1)
+    resumed = restore_latest(b, Checkpoint(str(tmp_path / "run" / "checkpoint_00000002")), rank=0, device=CPU,
+                             log=print, storage=storage)
+    assert resumed.name == "checkpoint_00000002" and resumed.skipped == ["checkpoint_00000004"] and b.step == 2
+    _cut(tmp_path / "run" / "checkpoint_00000002" / "state.pt")
+    assert restore_latest(_state(1)[0], None, rank=0, device=CPU, log=print, storage=storage) is None  # afresh
+    assert restore_latest(_state(1)[0], None, rank=0, device=CPU, storage=(storage[0], str(tmp_path / "none"))) is None
