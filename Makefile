@@ -14,11 +14,12 @@ CHROMIUM ?= /usr/bin/chromium
 install: $(VENV)/.installed
 
 # Re-installs whenever pyproject.toml or constraints.txt change. constraints.txt pins the tested versions
-# (torch==2.13.0 resolves to the local CPU wheel on CPU machines).
+# (torch==2.13.0 resolves to the local CPU wheel on CPU machines). --no-compile: pip would byte-compile every
+# module of torch, Ray and MLflow (about half the install time); Python compiles the ones imported, once.
 $(VENV)/.installed: pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade "pip>=24"
-	$(PY) -m pip install -q -c constraints.txt -e ".[dev,cluster]"
+	$(PY) -m pip install -q --no-compile -c constraints.txt -e ".[dev,cluster]"
 	@touch $@
 
 quickstart: install

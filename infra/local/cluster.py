@@ -196,21 +196,31 @@ def _http_ok(url: str, headers: dict[str, str] | None = None) -> bool:
 def stop_session(comp: Component, grace_s: float = 30.0) -> None:
     """SIGTERM the component's leader (``ray start --block`` stops its node on it), then SIGKILL what is left
     of its session."""
-    if _alive(comp.pid):
-        try:
-            os.kill(comp.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+    stop_sessions([comp], grace_s)
+
+
+def stop_sessions(comps: list[Component], grace_s: float = 30.0) -> None:
+    """:func:`stop_session` of several components at once: all get SIGTERM, then one shared grace period."""
+    for comp in comps:
+        if _alive(comp.pid):
+            try:
+                os.kill(comp.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    def left() -> list[int]:
+        return [pid for comp in comps for pid in session_pids(comp.pid)]
+
     deadline = time.time() + grace_s
-    while time.time() < deadline and session_pids(comp.pid):
-        time.sleep(0.5)
-    for pid in session_pids(comp.pid):
+    while time.time() < deadline and left():
+        time.sleep(0.3)
+    for pid in left():
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
     deadline = time.time() + 10
-    while time.time() < deadline and session_pids(comp.pid):
+    while time.time() < deadline and left():
         time.sleep(0.2)
 
 
@@ -481,12 +491,12 @@ def cluster_down() -> list[int]:
     state = load_state()
     if state is None:
         return []
-    for name in ("ray_worker", "ray_head", "mlflow", "s3", "postgres"):
-        comp = state.components.get(name)
-        if comp is not None and name == "postgres":
-            _stop_postgres(comp)
-        if comp is not None:
-            stop_session(comp, grace_s=20 if name.startswith("ray") else 15)
+    comps = state.components
+    # the Ray nodes, MLflow and the S3 API together (each stops on SIGTERM), then PostgreSQL, which MLflow used
+    stop_sessions([comps[n] for n in ("ray_worker", "ray_head", "mlflow", "s3") if n in comps], grace_s=20)
+    if "postgres" in comps:
+        _stop_postgres(comps["postgres"])
+        stop_session(comps["postgres"], grace_s=15)
     left = [pid for c in state.components.values() for pid in session_pids(c.pid)]
     if not left:
         for d in state.temp_dirs.values():
