@@ -200,11 +200,13 @@ def stop_session(comp: Component, grace_s: float = 30.0) -> None:
 
 
 def stop_sessions(comps: list[Component], grace_s: float = 30.0) -> None:
-    """:func:`stop_session` of several components at once: all get SIGTERM, then one shared grace period."""
+    """:func:`stop_session` of several components at once: all get SIGTERM, then one shared grace period.
+    A Ray node gets it in every process, as ``ray stop`` does; the others in their leader."""
     for comp in comps:
-        if _alive(comp.pid):
+        whole = comp.name.startswith("ray")
+        for pid in (session_pids(comp.pid) if whole else [comp.pid] if _alive(comp.pid) else []):
             try:
-                os.kill(comp.pid, signal.SIGTERM)
+                os.kill(pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
 
@@ -492,8 +494,10 @@ def cluster_down() -> list[int]:
     if state is None:
         return []
     comps = state.components
-    # the Ray nodes, MLflow and the S3 API together (each stops on SIGTERM), then PostgreSQL, which MLflow used
-    stop_sessions([comps[n] for n in ("ray_worker", "ray_head", "mlflow", "s3") if n in comps], grace_s=20)
+    # the two Ray nodes first: nothing of theirs needs flushing (jobs, the Serve app and checkpoints live in the
+    # services), and their GCS, raylets and Serve actors linger on SIGTERM, so 5 s of grace, then SIGKILL
+    stop_sessions([comps[n] for n in ("ray_worker", "ray_head") if n in comps], grace_s=5)
+    stop_sessions([comps[n] for n in ("mlflow", "s3") if n in comps], grace_s=15)
     if "postgres" in comps:
         _stop_postgres(comps["postgres"])
         stop_session(comps["postgres"], grace_s=15)
