@@ -1,11 +1,14 @@
 """Load test of the sampling endpoint (step-level continuous batching) on loopback, through real Ray Serve.
 
 Registers an untrained quickstart UNet (the quickstart config's shape: 16x16x1, 10 classes, T=1000) in a
-temporary MLflow registry and deploys the Serve app twice, ``serve.max_batch_size`` = 16 and 1 (unbatched):
+temporary MLflow registry and deploys the Serve app twice, side by side: ``serve.max_batch_size`` = 16 at ``/``
+and 1 (unbatched) at ``/unbatched``, each one replica:
 
 1. **levels**: ``c`` closed-loop clients (each sends its next request when the previous one returns) at every
-   concurrency, bounded by ``--seconds`` and ``--max-requests``; 1-image DDIM-20 requests. Images/s, p50/p99,
-   errors by status, and the model-only bound measured in the same run, 16 / (steps x one batch-16 forward).
+   concurrency, bounded by ``--seconds`` and ``--max-requests``; 1-image DDIM-20 requests. The two deployments
+   take turns in ``--rounds`` windows (A B B A ...), so the machine's drift falls on both alike. Images/s,
+   p50/p99 over the pooled windows, errors by status, and the model-only bound measured in the same run,
+   16 / (steps x one batch-16 forward).
 Then, on the batched deployment only:
 2. **mixed**: 12 clients on DDPM-1000 and 4 on DDIM-10; the DDIM-10 p50 against its idle p50 (on a CPU the
    batched deployment uses size-class packing, ``serve.pack_ratio`` 4, ``serve.pack_rows`` calibrated at load:
@@ -83,10 +86,9 @@ def cpu_ms_per_request(before: dict[str, float], after: dict[str, float], reques
 
 
 async def closed_loop(url: str, concurrency: int, seconds: float, max_requests: int, body: dict) -> dict:
-    """``concurrency`` clients loop until the time or request budget is used; in-flight requests finish."""
-    latencies: list[float] = []
-    batch_sizes: list[int] = []
-    errors: dict[str, int] = {}
+    """One window: ``concurrency`` clients loop until the time or request budget is used (in-flight requests
+    finish). Returns the raw window (latencies, errors, engine and CPU snapshots); :func:`summary` reads it."""
+    w: dict = {"latencies": [], "batch_sizes": [], "errors": {}}
     issued = 0
     deadline = time.perf_counter() + seconds
 
@@ -101,28 +103,60 @@ async def closed_loop(url: str, concurrency: int, seconds: float, max_requests: 
             except httpx.HTTPError as e:
                 status = type(e).__name__
             if status == "200":
-                latencies.append(time.perf_counter() - t)
-                batch_sizes.append(r.json()["batch_size"])
+                w["latencies"].append(time.perf_counter() - t)
+                w["batch_sizes"].append(r.json()["batch_size"])
             else:
-                errors[status] = errors.get(status, 0) + 1
+                w["errors"][status] = w["errors"].get(status, 0) + 1
 
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(timeout=600, limits=limits) as c:
-        before, cpu_before = (await c.get(f"{url}/healthz")).json()["stats"], cpu_by_process()
+        w["stats_before"], w["cpu_before"] = (await c.get(f"{url}/healthz")).json()["stats"], cpu_by_process()
         start = time.perf_counter()
         await asyncio.gather(*(client(c, k) for k in range(concurrency)))
-        elapsed = time.perf_counter() - start
-        after, cpu_after = (await c.get(f"{url}/healthz")).json()["stats"], cpu_by_process()
-    ok = len(latencies)
+        w["elapsed"] = time.perf_counter() - start
+        w["stats_after"], w["cpu_after"] = (await c.get(f"{url}/healthz")).json()["stats"], cpu_by_process()
+    return w
+
+
+def _summed(windows: list[dict], before: str, after: str) -> dict[str, float]:
+    """The per-window differences ``after - before`` of a snapshot, summed over the windows."""
+    keys = {k for w in windows for k in w[after]}
+    return {k: sum(w[after].get(k, 0.0) - w[before].get(k, 0.0) for w in windows) for k in keys}
+
+
+def summary(windows: list[dict], concurrency: int, body: dict) -> dict:
+    """One level's figures over its windows: latencies pooled, time and counts summed."""
+    lat = [x for w in windows for x in w["latencies"]]
+    sizes = [b for w in windows for b in w["batch_sizes"]]
+    errors: dict[str, int] = {}
+    for w in windows:
+        for k, v in w["errors"].items():
+            errors[k] = errors.get(k, 0) + v
+    elapsed, ok, failed = sum(w["elapsed"] for w in windows), len(lat), sum(errors.values())
+    engine = _summed(windows, "stats_before", "stats_after")
     return {
-        "concurrency": concurrency, "requests": ok + sum(errors.values()), "ok": ok,
-        "errors": sum(errors.values()), "errors_by_status": errors, "elapsed_s": round(elapsed, 2),
+        "concurrency": concurrency, "windows": len(windows), "requests": ok + failed, "ok": ok, "errors": failed,
+        "errors_by_status": errors, "elapsed_s": round(elapsed, 2),
         "images_per_s": round(ok * body["num_samples"] / elapsed, 3),
-        "p50_ms": round(1000 * percentile(latencies, 50), 1), "p99_ms": round(1000 * percentile(latencies, 99), 1),
-        "mean_batch_size": round(statistics.fmean(batch_sizes), 2) if batch_sizes else None,
-        "engine": LoopStats.period(before, after, elapsed),  # rows per forward, forward vs overhead ms, busy
-        "cpu_ms_per_request": cpu_ms_per_request(cpu_before, cpu_after, ok + sum(errors.values())),
+        "p50_ms": round(1000 * percentile(lat, 50), 1), "p99_ms": round(1000 * percentile(lat, 99), 1),
+        "mean_batch_size": round(statistics.fmean(sizes), 2) if sizes else None,
+        "engine": LoopStats.period(dict.fromkeys(engine, 0.0), engine, elapsed),  # rows/forward, ms, busy
+        "cpu_ms_per_request": cpu_ms_per_request({}, _summed(windows, "cpu_before", "cpu_after"), ok + failed),
     }
+
+
+async def interleaved_level(urls: dict[str, str], concurrency: int, seconds: float, max_requests: int,
+                            body: dict, rounds: int, between=None) -> dict[str, dict]:
+    """Each deployment's level in ``rounds`` windows of ``seconds / rounds``, in A B B A A B ... order, so drift
+    in the machine's speed falls on both sides alike; ``between()`` runs after each round (the server idle)."""
+    windows: dict[str, list[dict]] = {mode: [] for mode in urls}
+    for r in range(rounds):
+        for mode in (list(urls) if r % 2 == 0 else list(urls)[::-1]):
+            windows[mode].append(await closed_loop(urls[mode], concurrency, seconds / rounds,
+                                                   max(1, max_requests // rounds), body))
+        if between is not None:
+            between()
+    return {mode: summary(ws, concurrency, body) for mode, ws in windows.items()}
 
 
 def register_quickstart(workspace: Path, seed: int = 0, alias: str | None = "champion"):
@@ -152,20 +186,36 @@ def register_quickstart(workspace: Path, seed: int = 0, alias: str | None = "cha
     return base, facts, unet
 
 
-def model_only_bound(unet, batch: int, steps: int, threads: int, repeats: int = 10) -> dict:
-    """Images/s of back-to-back batch-``batch`` UNet forwards, ``steps`` per image, in this process."""
-    import torch
+class ModelOnlyBound:
+    """Images/s of back-to-back batch-``batch`` UNet forwards, ``steps`` per image, in this process: measured at
+    the start and again after every round of windows (this VM's speed drifts by 1.5x within minutes, so one
+    early measurement is no bound for a window minutes later); the bound is the median of all."""
 
-    torch.set_num_threads(threads)
-    unet.eval()
-    from pipelines.engine import time_forward
+    def __init__(self, unet, batch: int, steps: int, threads: int, repeats: int = 10) -> None:
+        import torch
 
-    x = torch.randn(batch, 1, 16, 16)
-    t, y = torch.randint(0, 1000, (batch,)), torch.zeros(batch, dtype=torch.long)
-    fwd, fwd_cpu = time_forward(unet, x, t, {"y": y}, repeats)
-    # wall time is the bound; the CPU time tells how much of it other load on the machine took
-    return {"batch": batch, "forward_ms": round(fwd * 1000, 2), "forward_cpu_ms": round(fwd_cpu * 1000, 2),
-            "images_per_s": round(batch / (steps * fwd), 3)}
+        torch.set_num_threads(threads)
+        self.unet, self.batch, self.steps, self.repeats = unet.eval(), batch, steps, repeats
+        self.x = torch.randn(batch, 1, 16, 16)
+        self.t, self.y = torch.randint(0, 1000, (batch,)), torch.zeros(batch, dtype=torch.long)
+        self.walls: list[float] = []
+        self.cpus: list[float] = []
+        self.measure()
+
+    def measure(self) -> None:
+        from pipelines.engine import time_forward
+
+        wall, cpu = time_forward(self.unet, self.x, self.t, {"y": self.y}, self.repeats)
+        self.walls.append(wall)
+        self.cpus.append(cpu)
+
+    def report(self) -> dict:
+        fwd = statistics.median(self.walls)
+        # wall time is the bound; the CPU time tells how much of it other load on the machine took
+        return {"batch": self.batch, "forward_ms": round(fwd * 1000, 2),
+                "forward_cpu_ms": round(statistics.median(self.cpus) * 1000, 2),
+                "forward_ms_all": [round(w * 1000, 2) for w in self.walls],
+                "images_per_s": round(self.batch / (self.steps * fwd), 3)}
 
 
 async def one(c: httpx.AsyncClient, url: str, body: dict) -> tuple[int, float, dict | None]:
@@ -296,11 +346,39 @@ async def rollout(url: str, move, min_requests: int, reload_interval: float) -> 
             "reload_interval_s": reload_interval, "target": "failed == 0 and reported within reload_interval + 10 s"}
 
 
+def deploy_mode(mode: str, batch: int, base: list[str], args, top: int) -> str:
+    """Deploy one mode's Serve app (same server code, ``serve.max_batch_size`` = ``batch``) beside the others:
+    "batched" at /, the rest at /<mode>. Returns its base URL."""
+    from ray import serve
+
+    from pipelines.config import load_config
+    from pipelines.serve import build_app, deploy
+
+    overrides = [*base, f"serve.port={args.port}", f"serve.max_batch_size={batch}",
+                 f"serve.reload_interval_s={args.reload_interval}",
+                 f"serve.pack_ratio={args.pack_ratio if args.pack_ratio and batch > 1 else 'null'}",
+                 *([f"serve.pack_rows={args.pack_rows}"] if args.pack_rows and batch > 1 else []),
+                 f"serve.max_ongoing_requests={max(top, 64)}",
+                 f"serve.max_queued_requests={max(top, 64)}", f"serve.use_gpu={str(args.use_gpu).lower()}",
+                 *([f"serve.threads_per_replica={args.threads}"] if args.threads else [])]
+    cfg = load_config(None, overrides)
+    t = time.perf_counter()
+    if mode == "batched":
+        url = deploy(cfg).url
+    else:
+        serve.run(build_app(cfg), name=mode, route_prefix=f"/{mode}", blocking=False)
+        url = f"http://{cfg.serve.host}:{cfg.serve.port}/{mode}"
+    print(f"[{mode}] deployed in {time.perf_counter() - t:.1f}s at {url}", file=sys.stderr)
+    return url
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
     ap.add_argument("--seconds", type=float, default=20.0, help="time budget per (mode, concurrency)")
     ap.add_argument("--max-requests", type=int, default=400, help="request budget per (mode, concurrency)")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="windows per (mode, concurrency), the modes interleaved A B B A ... (budgets split)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batch-size", type=int, default=16, help="serve.max_batch_size with batching on")
     ap.add_argument("--reload-interval", type=float, default=5.0, help="serve.reload_interval_s (rollout)")
@@ -324,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.fill:
         args.pack_ratio = args.pack_rows = None
     if args.quick:
-        args.concurrency, args.seconds, args.max_requests = [1, 4], 3.0, 40
+        args.concurrency, args.seconds, args.max_requests, args.rounds = [1, 4], 3.0, 40, 1
     long_steps = 50 if args.quick else 1000
     stream_steps = 50 if args.quick else 300
     if args.quick and args.out == DEFAULT_OUT:
@@ -333,8 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     import torch
 
-    from pipelines.config import load_config
-    from pipelines.serve import deploy, shutdown
+    from pipelines.serve import shutdown
 
     load_at_start = os.getloadavg()
     ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,
@@ -344,33 +421,23 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     with tempfile.TemporaryDirectory() as ws:
         base, facts, unet = register_quickstart(Path(ws))
-        bound = model_only_bound(unet, args.batch_size, args.steps, args.threads or 1)
-        scenarios: dict[str, dict] = {}
-        for mode, batch in (("batched", args.batch_size), ("unbatched", 1)):
-            if mode not in args.modes:
-                continue
-            overrides = [*base, f"serve.port={args.port}", f"serve.max_batch_size={batch}",
-                         f"serve.reload_interval_s={args.reload_interval}",
-                         f"serve.pack_ratio={args.pack_ratio if args.pack_ratio and batch > 1 else 'null'}",
-                         *([f"serve.pack_rows={args.pack_rows}"] if args.pack_rows and batch > 1 else []),
-                         f"serve.max_ongoing_requests={max(top, 64)}",
-                         f"serve.max_queued_requests={max(top, 64)}", f"serve.use_gpu={str(args.use_gpu).lower()}"]
-            if args.threads:
-                overrides.append(f"serve.threads_per_replica={args.threads}")
-            cfg = load_config(None, overrides)
-            t = time.perf_counter()
-            deployed = deploy(cfg)
-            print(f"[{mode}] deployed in {time.perf_counter() - t:.1f}s on {deployed.model.device}", file=sys.stderr)
-            asyncio.run(closed_loop(deployed.url, 2, 3.0, 6, body))  # warm-up
-            for c in args.concurrency:
-                r = asyncio.run(closed_loop(deployed.url, c, args.seconds, args.max_requests, body))
-                r = {"mode": mode, "max_batch_size": batch, **r}
+        bounds = ModelOnlyBound(unet, args.batch_size, args.steps, args.threads or 1)
+        urls = {mode: deploy_mode(mode, batch, base, args, top)
+                for mode, batch in (("batched", args.batch_size), ("unbatched", 1)) if mode in args.modes}
+        for url in urls.values():
+            asyncio.run(closed_loop(url, 2, 3.0, 6, body))  # warm-up
+        for c in args.concurrency:
+            level = asyncio.run(interleaved_level(urls, c, args.seconds, args.max_requests, body, args.rounds,
+                                                  between=bounds.measure))
+            for mode, r in level.items():
+                r = {"mode": mode, "max_batch_size": args.batch_size if mode == "batched" else 1, **r}
                 print(json.dumps(r), file=sys.stderr)
                 results.append(r)
-            if mode == "batched":
-                scenarios = run_scenarios(deployed.url, args, Path(ws), long_steps, stream_steps)
-            shutdown()
+        scenarios = run_scenarios(urls["batched"], args, Path(ws), long_steps, stream_steps) \
+            if "batched" in urls else {}
+        shutdown()
     ray.shutdown()
+    bound = bounds.report()
 
     def ips(mode: str, c: int) -> float | None:
         return next((r["images_per_s"] for r in results if r["mode"] == mode and r["concurrency"] == c), None)
