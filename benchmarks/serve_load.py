@@ -366,6 +366,7 @@ def deploy_mode(mode: str, batch: int, base: list[str], args, top: int) -> str:
     if mode == "batched":
         url = deploy(cfg).url
     else:
+        serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})  # no-op when already up
         serve.run(build_app(cfg), name=mode, route_prefix=f"/{mode}", blocking=False)
         url = f"http://{cfg.serve.host}:{cfg.serve.port}/{mode}"
     print(f"[{mode}] deployed in {time.perf_counter() - t:.1f}s at {url}", file=sys.stderr)
