@@ -168,10 +168,10 @@ def test_node_lost_for_good_fails_saying_so(cluster, demo):
     """Without the worker node, the restarted worker group cannot start: the run fails within a bounded time
     (train.resource_wait_s per attempt, max_failures + 1 attempts) naming the cause, instead of waiting forever."""
     job = _submit_training(cluster, "train.run_name=tiny-gone", "train.max_steps=2000", "train.max_failures=1",
-                           "train.resource_wait_s=10", "train.sample_every=100000")
+                           "train.resource_wait_s=10", "train.sample_every=100000", "train.checkpoint_every=5")
     try:
         deadline = time.time() + 600
-        while not cluster.keys("ray-results/tiny-gone/checkpoint_00000020/") and time.time() < deadline:
+        while not cluster.keys("ray-results/tiny-gone/checkpoint_00000005/") and time.time() < deadline:
             assert job.poll() is None, job.stdout.read()[-4000:]
             time.sleep(0.3)
         cluster.cli("kill-worker")
