@@ -188,7 +188,7 @@ def register_quickstart(workspace: Path, seed: int = 0, alias: str | None = "cha
 
 class ModelOnlyBound:
     """Images/s of back-to-back batch-``batch`` UNet forwards, ``steps`` per image, in this process: measured at
-    the start and again after every round of windows (this VM's speed drifts by 1.5x within minutes, so one
+    the start and again after every round of windows (this VM's speed drifts by up to 2x within minutes, so one
     early measurement is no bound for a window minutes later); the bound is the median of all."""
 
     def __init__(self, unet, batch: int, steps: int, threads: int, repeats: int = 10) -> None:
@@ -423,15 +423,15 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as ws:
         base, facts, unet = register_quickstart(Path(ws))
         bounds = ModelOnlyBound(unet, args.batch_size, args.steps, args.threads or 1)
-        urls = {mode: deploy_mode(mode, batch, base, args, top)
-                for mode, batch in (("batched", args.batch_size), ("unbatched", 1)) if mode in args.modes}
+        batches = {m: b for m, b in (("batched", args.batch_size), ("unbatched", 1)) if m in args.modes}
+        urls = {mode: deploy_mode(mode, batch, base, args, top) for mode, batch in batches.items()}
         for url in urls.values():
             asyncio.run(closed_loop(url, 2, 3.0, 6, body))  # warm-up
         for c in args.concurrency:
             level = asyncio.run(interleaved_level(urls, c, args.seconds, args.max_requests, body, args.rounds,
                                                   between=bounds.measure))
             for mode, r in level.items():
-                r = {"mode": mode, "max_batch_size": args.batch_size if mode == "batched" else 1, **r}
+                r = {"mode": mode, "max_batch_size": batches[mode], **r}
                 print(json.dumps(r), file=sys.stderr)
                 results.append(r)
         scenarios = run_scenarios(urls["batched"], args, Path(ws), long_steps, stream_steps) \

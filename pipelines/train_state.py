@@ -337,6 +337,12 @@ def _local(checkpoint, rank: int) -> Iterator[Path]:
         yield Path(checkpoint.to_directory(tmp))
 
 
+def _parent_and_name(checkpoint) -> tuple[str, str]:
+    """(run directory, checkpoint directory name) of a Ray Train checkpoint's path."""
+    parent, name = checkpoint.path.rstrip("/").rsplit("/", 1)
+    return parent, name
+
+
 def restore_latest(state: TrainState, checkpoint, *, rank: int, device: torch.device,
                    log: Callable[[str], None] = print, storage: tuple[Any, str] | None = None) -> Resumed | None:
     """Load ``state`` from the newest valid checkpoint of the run, falling back past torn ones (saying which and
@@ -347,14 +353,16 @@ def restore_latest(state: TrainState, checkpoint, *, rank: int, device: torch.de
     None when there is none (or Ray reported none and none stored is usable: a fresh start); a CheckpointError
     when Ray reported one and every candidate is unusable. Each rank reaches the same choice from the same files.
     """
-    if storage is None and checkpoint is not None:
-        storage = (checkpoint.filesystem, checkpoint.path.rstrip("/").rsplit("/", 1)[0])
+    reported = _parent_and_name(checkpoint) if checkpoint is not None else None
+    if storage is None and reported is not None:
+        storage = (checkpoint.filesystem, reported[0])
     candidates = stored_checkpoints(*storage) if storage is not None else []
-    if checkpoint is not None and checkpoint.path.rstrip("/") not in {c.path.rstrip("/") for c in candidates}:
+    if reported is not None and reported not in {_parent_and_name(c) for c in candidates}:
         candidates.insert(0, checkpoint)  # Ray's own, wherever it is
+    reported_name = reported[1] if reported is not None else None
     skipped: list[str] = []
     for candidate in candidates:
-        name = candidate.path.rstrip("/").rsplit("/", 1)[-1]
+        name = _parent_and_name(candidate)[1]
         try:
             with _local(candidate, rank) as d:
                 had_rng = state.load(d, rank=rank, device=device)
@@ -362,9 +370,8 @@ def restore_latest(state: TrainState, checkpoint, *, rank: int, device: torch.de
             log(f"[train] checkpoint {name} is unusable ({e}); falling back to the previous one")
             skipped.append(name)
             continue
-        reported = checkpoint.path.rstrip("/").rsplit("/", 1)[-1] if checkpoint is not None else None
-        if reported is None or (checkpoint_key(reported) or (-1, 0)) < (checkpoint_key(name) or (-1, 0)):
-            log(f"[train] resuming from {name}, newer than the checkpoint Ray Train reported ({reported})")
+        if reported_name is None or (checkpoint_key(reported_name) or (-1, 0)) < (checkpoint_key(name) or (-1, 0)):
+            log(f"[train] resuming from {name}, newer than the checkpoint Ray Train reported ({reported_name})")
         return Resumed(name=name, skipped=skipped, had_rng=had_rng)
     if checkpoint is None:
         return None

@@ -194,8 +194,8 @@ def _http_ok(url: str, headers: dict[str, str] | None = None) -> bool:
 
 
 def stop_session(comp: Component, grace_s: float = 30.0) -> None:
-    """SIGTERM the component's leader (``ray start --block`` stops its node on it), then SIGKILL what is left
-    of its session."""
+    """SIGTERM the component (see :func:`stop_sessions`), then SIGKILL what is left of its session after
+    ``grace_s``."""
     stop_sessions([comp], grace_s)
 
 
