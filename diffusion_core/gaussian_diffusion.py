@@ -352,6 +352,8 @@ class GaussianDiffusion:
         denoised_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
         model_kwargs: dict | None = None,
         step_index: int | None = None,
+        *,
+        posterior_mean: bool = True,
     ) -> dict:
         """Apply the model to get p(x_{t-1} | x_t) and the implied x0.
 
@@ -360,7 +362,7 @@ class GaussianDiffusion:
         to [-1, 1]; the mean is the posterior mean given that x0 (Ho et al. 2020, Eq. 7).
         `step_index`: the int every entry of t equals (the sampling loops pass it); coefficients then come from
         per-step tables (same values), and a fixed variance / log-variance is returned as an unexpanded 0-dim
-        tensor.
+        tensor. `posterior_mean=False` skips the mean (returned as None) for callers that use only x0 (DDIM).
         """
         model_kwargs = model_kwargs or {}
         t = self._check_t(x, t)
@@ -421,7 +423,7 @@ class GaussianDiffusion:
                 pred_xstart = process_xstart(self.predict_xstart_from_eps(x, t, model_output, step_index))
             else:
                 pred_xstart = process_xstart(self.predict_xstart_from_v(x, t, model_output, step_index))
-            model_mean = self._posterior_mean(pred_xstart, x, t, step_index)
+            model_mean = self._posterior_mean(pred_xstart, x, t, step_index) if posterior_mean else None
 
         return {
             "mean": model_mean,
@@ -582,7 +584,7 @@ class GaussianDiffusion:
         """
         t = self._check_t(x, t)
         out = self.p_mean_variance(model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
-                                   model_kwargs=model_kwargs, step_index=step_index)
+                                   model_kwargs=model_kwargs, step_index=step_index, posterior_mean=False)
         if cond_fn is not None:
             out = self.condition_score(cond_fn, out, x, t, model_kwargs=model_kwargs)
         eps = self.predict_eps_from_xstart(x, t, out["pred_xstart"], step_index)

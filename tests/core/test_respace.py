@@ -88,6 +88,21 @@ def test_model_and_cond_fn_receive_original_timesteps():
     assert seen == [[500, 200]]
 
 
+@pytest.mark.parametrize("loop", ["p_sample_loop", "ddim_sample_loop"])
+def test_sampling_loops_give_the_model_original_timesteps_for_every_batch_size(loop):
+    """The loops pass step_index, which maps steps through a cached [steps, batch] table instead of indexing."""
+    sp = SpacedDiffusion(space_timesteps(1000, "ddim10"), **_kwargs())
+    for batch in (2, 3, 2):
+        seen = []
+
+        def model(x, t, **kw):
+            seen.append(t.tolist())
+            return torch.zeros(x.shape[0], 2 * x.shape[1], *x.shape[2:], dtype=x.dtype)
+
+        getattr(sp, loop)(model, (batch, 1, 2, 2), generator=torch.Generator().manual_seed(0))
+        assert seen == [[s] * batch for s in range(900, -1, -100)]
+
+
 def test_create_diffusion_matches_dit_arguments():
     d = create_diffusion("")
     assert isinstance(d, SpacedDiffusion) and d.num_timesteps == 1000
