@@ -92,13 +92,14 @@ def test_model_and_cond_fn_receive_original_timesteps():
 def test_sampling_loops_give_the_model_original_timesteps_for_every_batch_size(loop):
     """The loops pass step_index, which maps steps through a cached [steps, batch] table instead of indexing."""
     sp = SpacedDiffusion(space_timesteps(1000, "ddim10"), **_kwargs())
+    seen = []
+
+    def model(x, t, **kw):
+        seen.append(t.tolist())
+        return torch.zeros(x.shape[0], 2 * x.shape[1], *x.shape[2:], dtype=x.dtype)
+
     for batch in (2, 3, 2):
-        seen = []
-
-        def model(x, t, **kw):
-            seen.append(t.tolist())
-            return torch.zeros(x.shape[0], 2 * x.shape[1], *x.shape[2:], dtype=x.dtype)
-
+        seen.clear()
         getattr(sp, loop)(model, (batch, 1, 2, 2), generator=torch.Generator().manual_seed(0))
         assert seen == [[s] * batch for s in range(900, -1, -100)]
 
