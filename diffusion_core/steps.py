@@ -44,16 +44,27 @@ def sampler_timesteps(diffusion: GaussianDiffusion, sampler: str, steps: int,
 
 def alpha_bar(diffusion: GaussianDiffusion, t: torch.Tensor) -> torch.Tensor:
     """float64 alpha_bar at original indices t [B] (CPU); index -1 means the data end, alpha_bar = 1."""
-    ab = base_diffusion(diffusion).alphas_cumprod
-    t = torch.as_tensor(t, dtype=torch.long).cpu()
-    return torch.where(t >= 0, ab[t.clamp(min=0)], torch.ones((), dtype=_F64))
+    base = base_diffusion(diffusion)
+    table = base._cache.get("alpha_bar+1")
+    if table is None:  # [alpha_bar_0 .. alpha_bar_{T-1}, 1]: index -1 is the data end (one gather, no mask)
+        with torch.inference_mode(False):
+            table = base._cache["alpha_bar+1"] = torch.cat([base.alphas_cumprod, torch.ones(1, dtype=_F64)])
+    return table[torch.as_tensor(t, dtype=torch.long).cpu()]
 
 
 def _col(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """A float64 [B] vector as x.dtype on x.device, shaped [B, 1, ..., 1]."""
-    if x.device.type == "mps":
-        v = v.to(x.dtype)
-    return v.to(device=x.device, dtype=x.dtype).view(-1, *([1] * (x.ndim - 1)))
+    return _cols(x, v)[0]
+
+
+def _cols(x: torch.Tensor, *vs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Float64 [B] vectors as x.dtype columns [B, 1, ..., 1] on x.device, with one stack and one cast (and on a
+    GPU one copy) for all of them; the cast is elementwise, so each column equals its own cast."""
+    m = torch.stack(vs)
+    if x.device.type == "mps":  # no float64 on MPS: cast on the CPU first
+        m = m.to(x.dtype)
+    m = m.to(device=x.device, dtype=x.dtype)
+    return m.view(len(vs), -1, *([1] * (x.ndim - 1))).unbind(0)
 
 
 def _split(diffusion: GaussianDiffusion, x: torch.Tensor, model_output: torch.Tensor):
@@ -68,26 +79,29 @@ def _split(diffusion: GaussianDiffusion, x: torch.Tensor, model_output: torch.Te
 
 
 def predict_x0(diffusion: GaussianDiffusion, x: torch.Tensor, t: torch.Tensor, model_output: torch.Tensor,
-               clip: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+               clip: bool = True, ab: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(x0, eps) implied by the model output at per-row steps t, x0 clamped to [-1, 1] when `clip` and eps
-    re-derived from that x0 (as `GaussianDiffusion.p_mean_variance` + `predict_eps_from_xstart` do)."""
+    re-derived from that x0 (as `GaussianDiffusion.p_mean_variance` + `predict_eps_from_xstart` do).
+    `ab`: alpha_bar(diffusion, t), when the caller has it already."""
     out, _ = _split(diffusion, x, model_output)
-    ab = alpha_bar(diffusion, t)
+    ab = alpha_bar(diffusion, t) if ab is None else ab
     mt = diffusion.model_mean_type
+    if mt not in (ModelMeanType.EPSILON, ModelMeanType.START_X, ModelMeanType.VELOCITY):
+        raise ValueError("per-row steps need an eps, x0 or v model; PREVIOUS_X predicts a fixed schedule's mean")
+    sqrt_ab, sqrt_1m_ab, sqrt_recip_ab, sqrt_recipm1_ab = _cols(
+        x, ab.sqrt(), (1.0 - ab).sqrt(), (1.0 / ab).sqrt(), (1.0 / ab - 1.0).sqrt())
     if mt is ModelMeanType.EPSILON:
         # x0 = x_t / sqrt(ab) - sqrt(1/ab - 1) eps   (inverse of Ho et al. 2020, Eq. 4)
-        x0 = _col((1.0 / ab).sqrt(), x) * x - _col((1.0 / ab - 1.0).sqrt(), x) * out
+        x0 = sqrt_recip_ab * x - sqrt_recipm1_ab * out
     elif mt is ModelMeanType.START_X:
         x0 = out
-    elif mt is ModelMeanType.VELOCITY:
-        # x0 = sqrt(ab) x_t - sqrt(1 - ab) v   (Salimans & Ho 2022, App. D)
-        x0 = _col(ab.sqrt(), x) * x - _col((1.0 - ab).sqrt(), x) * out
     else:
-        raise ValueError("per-row steps need an eps, x0 or v model; PREVIOUS_X predicts a fixed schedule's mean")
+        # x0 = sqrt(ab) x_t - sqrt(1 - ab) v   (Salimans & Ho 2022, App. D)
+        x0 = sqrt_ab * x - sqrt_1m_ab * out
     if clip:
         x0 = x0.clamp(-1, 1)
     # eps = (x_t - sqrt(ab) x0) / sqrt(1 - ab)   (inverse of Ho et al. 2020, Eq. 4)
-    eps = (x - _col(ab.sqrt(), x) * x0) / _col((1.0 - ab).sqrt(), x)
+    eps = (x - sqrt_ab * x0) / sqrt_1m_ab
     return x0, eps
 
 
@@ -97,14 +111,15 @@ def ddpm_step(diffusion: GaussianDiffusion, x: torch.Tensor, t: torch.Tensor, t_
     """One ancestral step x_{t_prev} = mu + sigma z per row (Ho et al. 2020, Alg. 2), on the respaced process
     t -> t_prev; no noise on rows with t_prev = -1. Returns (x_prev, x0). `noise` may be None only when every
     row is final."""
-    x0, _ = predict_x0(diffusion, x, t, model_output, clip)
-    _, var_out = _split(diffusion, x, model_output)
     ab, ab_prev = alpha_bar(diffusion, t), alpha_bar(diffusion, t_prev)
+    x0, _ = predict_x0(diffusion, x, t, model_output, clip, ab=ab)
+    _, var_out = _split(diffusion, x, model_output)
     beta = 1.0 - ab / ab_prev  # respaced beta' (Nichol & Dhariwal 2021, Sec. 4)
     # posterior mean coef1 x0 + coef2 x_t   (Ho et al. 2020, Eq. 7)
     coef1 = beta * ab_prev.sqrt() / (1.0 - ab)
     coef2 = (1.0 - ab_prev) * (1.0 - beta).sqrt() / (1.0 - ab)
-    mean = _col(coef1, x) * x0 + _col(coef2, x) * x
+    c1, c2 = _cols(x, coef1, coef2)
+    mean = c1 * x0 + c2 * x
     final = torch.as_tensor(t_prev).cpu() < 0
     if bool(final.all()):
         return mean, x0
@@ -133,17 +148,18 @@ def ddim_step(diffusion: GaussianDiffusion, x: torch.Tensor, t: torch.Tensor, t_
               clip: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """One DDIM step t -> t_prev per row (Song et al. 2021, Eq. 12, sigma(eta) from Eq. 16), eta per row.
     `noise` is used on rows with eta > 0 (None: no row is stochastic). Returns (x_prev, x0)."""
-    x0, eps = predict_x0(diffusion, x, t, model_output, clip)
     ab, ab_prev = alpha_bar(diffusion, t), alpha_bar(diffusion, t_prev)
+    x0, eps = predict_x0(diffusion, x, t, model_output, clip, ab=ab)
     eta = torch.as_tensor(eta, dtype=_F64).cpu().expand(ab.shape)
     # Song et al. 2021, Eq. 16: sigma = eta sqrt((1 - ab_prev)/(1 - ab)) sqrt(1 - ab/ab_prev)
     sigma = eta * ((1 - ab_prev) / (1 - ab)).sqrt() * (1 - ab / ab_prev).sqrt()
+    c_x0, c_eps, c_z = _cols(x, ab_prev.sqrt(), (1 - ab_prev - sigma**2).clamp(min=0).sqrt(), sigma)
     # Song et al. 2021, Eq. 12: sqrt(ab_prev) x0 + sqrt(1 - ab_prev - sigma^2) eps + sigma z
-    out = _col(ab_prev.sqrt(), x) * x0 + _col((1 - ab_prev - sigma**2).clamp(min=0).sqrt(), x) * eps
+    out = c_x0 * x0 + c_eps * eps
     if bool((eta != 0).any()):
         if noise is None:
             raise ValueError("ddim_step needs noise when some row has eta > 0")
-        out = out + _col(sigma, x) * noise
+        out = out + c_z * noise
     return out, x0
 
 
@@ -156,8 +172,8 @@ def dpm_solver_step(diffusion: GaussianDiffusion, x: torch.Tensor, t: torch.Tens
 
     D'_i = D_i on first-order rows (`second_order` False), else (1 + 1/(2r)) D_i - 1/(2r) D_{i-1},
     r = h_prev / h. Returns (x_next, D_i, h_i), h_i the float64 [B] step in lambda (nan on final rows)."""
-    d, _ = predict_x0(diffusion, x, t, model_output, clip)
     ab, ab_next = alpha_bar(diffusion, t), alpha_bar(diffusion, t_next)
+    d, _ = predict_x0(diffusion, x, t, model_output, clip, ab=ab)
     final = torch.as_tensor(t_next).cpu() < 0
 
     def lam(a: torch.Tensor) -> torch.Tensor:  # lambda = log(alpha / sigma); -inf at ab = 0 (zero terminal SNR)
