@@ -42,29 +42,46 @@ def sampler_timesteps(diffusion: GaussianDiffusion, sampler: str, steps: int,
     return [int(t) for t in reversed(kept)]
 
 
+# columns of the per-step coefficient table (see _rows)
+AB, SQRT_AB, SQRT_1M_AB, SQRT_RECIP_AB, SQRT_RECIPM1_AB = range(5)
+
+
+def _rows(diffusion: GaussianDiffusion, t: torch.Tensor) -> torch.Tensor:
+    """float64 [B, 5] at original indices t (CPU): ab, sqrt(ab), sqrt(1 - ab), sqrt(1/ab), sqrt(1/ab - 1), with
+    index -1 the data end (ab = 1). One gather from a table built once per diffusion by the same elementwise
+    float64 ops (correctly rounded), so each value equals computing it for the row alone."""
+    base = base_diffusion(diffusion)
+    table = base._cache.get("step_table")
+    if table is None:
+        with torch.inference_mode(False):
+            ab = torch.cat([base.alphas_cumprod, torch.ones(1, dtype=_F64)])
+            table = base._cache["step_table"] = torch.stack(
+                [ab, ab.sqrt(), (1.0 - ab).sqrt(), (1.0 / ab).sqrt(), (1.0 / ab - 1.0).sqrt()], dim=1)
+    return table[torch.as_tensor(t, dtype=torch.long).cpu()]
+
+
 def alpha_bar(diffusion: GaussianDiffusion, t: torch.Tensor) -> torch.Tensor:
     """float64 alpha_bar at original indices t [B] (CPU); index -1 means the data end, alpha_bar = 1."""
-    base = base_diffusion(diffusion)
-    table = base._cache.get("alpha_bar+1")
-    if table is None:  # [alpha_bar_0 .. alpha_bar_{T-1}, 1]: index -1 is the data end (one gather, no mask)
-        with torch.inference_mode(False):
-            table = base._cache["alpha_bar+1"] = torch.cat([base.alphas_cumprod, torch.ones(1, dtype=_F64)])
-    return table[torch.as_tensor(t, dtype=torch.long).cpu()]
+    return _rows(diffusion, t)[:, AB]
 
 
 def _col(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """A float64 [B] vector as x.dtype on x.device, shaped [B, 1, ..., 1]."""
-    return _cols(x, v)[0]
+    return _as_cols(x, v[None])[0]
 
 
 def _cols(x: torch.Tensor, *vs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Float64 [B] vectors as x.dtype columns [B, 1, ..., 1] on x.device, with one stack and one cast (and on a
-    GPU one copy) for all of them; the cast is elementwise, so each column equals its own cast."""
-    m = torch.stack(vs)
+    """Float64 [B] vectors as x.dtype columns [B, 1, ..., 1] on x.device (see _as_cols)."""
+    return _as_cols(x, torch.stack(vs))
+
+
+def _as_cols(x: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The K rows of a float64 [K, B] matrix as x.dtype columns [B, 1, ..., 1] on x.device, with one cast (and on
+    a GPU one copy) for all of them; the cast is elementwise, so each column equals its own cast."""
     if x.device.type == "mps":  # no float64 on MPS: cast on the CPU first
         m = m.to(x.dtype)
     m = m.to(device=x.device, dtype=x.dtype)
-    return m.view(len(vs), -1, *([1] * (x.ndim - 1))).unbind(0)
+    return m.reshape(m.shape[0], -1, *([1] * (x.ndim - 1))).unbind(0)
 
 
 def _split(diffusion: GaussianDiffusion, x: torch.Tensor, model_output: torch.Tensor):
@@ -79,17 +96,16 @@ def _split(diffusion: GaussianDiffusion, x: torch.Tensor, model_output: torch.Te
 
 
 def predict_x0(diffusion: GaussianDiffusion, x: torch.Tensor, t: torch.Tensor, model_output: torch.Tensor,
-               clip: bool = True, ab: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               clip: bool = True, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(x0, eps) implied by the model output at per-row steps t, x0 clamped to [-1, 1] when `clip` and eps
     re-derived from that x0 (as `GaussianDiffusion.p_mean_variance` + `predict_eps_from_xstart` do).
-    `ab`: alpha_bar(diffusion, t), when the caller has it already."""
+    `rows`: the coefficient rows at t (`_rows(diffusion, t)`), when the caller has them already."""
     out, _ = _split(diffusion, x, model_output)
-    ab = alpha_bar(diffusion, t) if ab is None else ab
     mt = diffusion.model_mean_type
     if mt not in (ModelMeanType.EPSILON, ModelMeanType.START_X, ModelMeanType.VELOCITY):
         raise ValueError("per-row steps need an eps, x0 or v model; PREVIOUS_X predicts a fixed schedule's mean")
-    sqrt_ab, sqrt_1m_ab, sqrt_recip_ab, sqrt_recipm1_ab = _cols(
-        x, ab.sqrt(), (1.0 - ab).sqrt(), (1.0 / ab).sqrt(), (1.0 / ab - 1.0).sqrt())
+    r = _rows(diffusion, t) if rows is None else rows
+    sqrt_ab, sqrt_1m_ab, sqrt_recip_ab, sqrt_recipm1_ab = _as_cols(x, r[:, SQRT_AB:].T)
     if mt is ModelMeanType.EPSILON:
         # x0 = x_t / sqrt(ab) - sqrt(1/ab - 1) eps   (inverse of Ho et al. 2020, Eq. 4)
         x0 = sqrt_recip_ab * x - sqrt_recipm1_ab * out
@@ -111,8 +127,9 @@ def ddpm_step(diffusion: GaussianDiffusion, x: torch.Tensor, t: torch.Tensor, t_
     """One ancestral step x_{t_prev} = mu + sigma z per row (Ho et al. 2020, Alg. 2), on the respaced process
     t -> t_prev; no noise on rows with t_prev = -1. Returns (x_prev, x0). `noise` may be None only when every
     row is final."""
-    ab, ab_prev = alpha_bar(diffusion, t), alpha_bar(diffusion, t_prev)
-    x0, _ = predict_x0(diffusion, x, t, model_output, clip, ab=ab)
+    r, r_prev = _rows(diffusion, t), _rows(diffusion, t_prev)
+    ab, ab_prev = r[:, AB], r_prev[:, AB]
+    x0, _ = predict_x0(diffusion, x, t, model_output, clip, rows=r)
     _, var_out = _split(diffusion, x, model_output)
     beta = 1.0 - ab / ab_prev  # respaced beta' (Nichol & Dhariwal 2021, Sec. 4)
     # posterior mean coef1 x0 + coef2 x_t   (Ho et al. 2020, Eq. 7)
@@ -148,19 +165,21 @@ def ddim_step(diffusion: GaussianDiffusion, x: torch.Tensor, t: torch.Tensor, t_
               clip: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """One DDIM step t -> t_prev per row (Song et al. 2021, Eq. 12, sigma(eta) from Eq. 16), eta per row.
     `noise` is used on rows with eta > 0 (None: no row is stochastic). Returns (x_prev, x0)."""
-    ab, ab_prev = alpha_bar(diffusion, t), alpha_bar(diffusion, t_prev)
-    x0, eps = predict_x0(diffusion, x, t, model_output, clip, ab=ab)
+    r, r_prev = _rows(diffusion, t), _rows(diffusion, t_prev)
+    ab, ab_prev = r[:, AB], r_prev[:, AB]
+    x0, eps = predict_x0(diffusion, x, t, model_output, clip, rows=r)
     eta = torch.as_tensor(eta, dtype=_F64).cpu().expand(ab.shape)
+    if not bool((eta != 0).any()):
+        # Song et al. 2021, Eq. 12 with sigma = 0: sqrt(ab_prev) x0 + sqrt(1 - ab_prev) eps (table columns)
+        c_x0, c_eps = _as_cols(x, r_prev[:, SQRT_AB:SQRT_1M_AB + 1].T)
+        return c_x0 * x0 + c_eps * eps, x0
+    if noise is None:
+        raise ValueError("ddim_step needs noise when some row has eta > 0")
     # Song et al. 2021, Eq. 16: sigma = eta sqrt((1 - ab_prev)/(1 - ab)) sqrt(1 - ab/ab_prev)
     sigma = eta * ((1 - ab_prev) / (1 - ab)).sqrt() * (1 - ab / ab_prev).sqrt()
     c_x0, c_eps, c_z = _cols(x, ab_prev.sqrt(), (1 - ab_prev - sigma**2).clamp(min=0).sqrt(), sigma)
     # Song et al. 2021, Eq. 12: sqrt(ab_prev) x0 + sqrt(1 - ab_prev - sigma^2) eps + sigma z
-    out = c_x0 * x0 + c_eps * eps
-    if bool((eta != 0).any()):
-        if noise is None:
-            raise ValueError("ddim_step needs noise when some row has eta > 0")
-        out = out + c_z * noise
-    return out, x0
+    return c_x0 * x0 + c_eps * eps + c_z * noise, x0
 
 
 def dpm_solver_step(diffusion: GaussianDiffusion, x: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor,
@@ -172,8 +191,9 @@ def dpm_solver_step(diffusion: GaussianDiffusion, x: torch.Tensor, t: torch.Tens
 
     D'_i = D_i on first-order rows (`second_order` False), else (1 + 1/(2r)) D_i - 1/(2r) D_{i-1},
     r = h_prev / h. Returns (x_next, D_i, h_i), h_i the float64 [B] step in lambda (nan on final rows)."""
-    ab, ab_next = alpha_bar(diffusion, t), alpha_bar(diffusion, t_next)
-    d, _ = predict_x0(diffusion, x, t, model_output, clip, ab=ab)
+    r = _rows(diffusion, t)
+    ab, ab_next = r[:, AB], alpha_bar(diffusion, t_next)
+    d, _ = predict_x0(diffusion, x, t, model_output, clip, rows=r)
     final = torch.as_tensor(t_next).cpu() < 0
 
     def lam(a: torch.Tensor) -> torch.Tensor:  # lambda = log(alpha / sigma); -inf at ab = 0 (zero terminal SNR)
