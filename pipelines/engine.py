@@ -308,6 +308,17 @@ def time_forward(forward: Callable[..., torch.Tensor], x: torch.Tensor, t: torch
     return (statistics.median(walls), statistics.median(cpus)) if walls else (0.0, 0.0)
 
 
+def _time_forwards(slot: _Slot, sizes: list[int], rounds: int = 5) -> dict[int, float]:
+    """Median wall seconds of a forward at each size, the sizes taking turns in every round, so a drift in the
+    machine's speed falls on all of them alike (timed one size after another, the same model calibrated to 2,
+    4 or 8 rows from one start to the next)."""
+    samples: dict[int, list[float]] = {b: [] for b in sizes}
+    for _ in range(rounds):
+        for b in sizes:
+            samples[b].append(_time_forward(slot, b, repeats=1))
+    return {b: statistics.median(v) for b, v in samples.items()}
+
+
 def _time_forward(slot: _Slot, rows: int, repeats: int) -> float:
     """Median wall seconds of a forward of ``rows`` zero rows of the slot's model (:func:`time_forward`)."""
     m = slot.model
@@ -415,7 +426,7 @@ class Engine:
             for b in buckets:  # warm-up: one compile per fixed size, none later
                 _time_forward(slot, b, repeats=0)
         if self.pack_ratio is not None and self.pack_rows is None:
-            costs = {b: _time_forward(slot, b, repeats=3) for b in buckets}
+            costs = _time_forwards(slot, buckets)
             slot.pack_rows = calibrate_pack_rows(costs)
             log.info("engine: forward ms by rows %s -> pack_rows %d", {b: round(1000 * v, 2) for b, v in
                                                                        costs.items()}, slot.pack_rows)

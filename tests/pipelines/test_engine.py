@@ -21,6 +21,7 @@ from pipelines.engine import (
     SampleSpec,
     TimedOut,
     TooCostly,
+    _time_forwards,
     batch_buckets,
     calibrate_pack_rows,
     request_cost,
@@ -289,6 +290,15 @@ def test_time_forward_warms_up_once_then_takes_the_median_of_its_repeats():
     assert calls == [(2, 2, 7)] * 4
     assert 0.009 <= wall < 0.03 and cpu < wall  # the median of the timed calls; sleeping costs no CPU
     assert time_forward(forward, x, t, repeats=0) == (0.0, 0.0)  # warm-up only
+
+
+def test_calibration_times_the_sizes_in_interleaved_rounds(model):
+    slot = Engine().prepare(model)
+    seen, inner = [], slot.forward
+    slot.forward = lambda x, t, **kw: (seen.append(x.shape[0]), inner(x, t, **kw))[1]
+    costs = _time_forwards(slot, [1, 2, 4], rounds=3)
+    assert seen == [1, 1, 2, 2, 4, 4] * 3  # per size and round: one warm-up and one timed forward
+    assert sorted(costs) == [1, 2, 4] and all(v > 0 for v in costs.values())
 
 
 def test_prepare_calibrates_pack_rows_only_when_packing_by_size_without_a_fixed_cap(model):
