@@ -47,8 +47,8 @@ def test_perf_suite_quick_reports_the_default_autocast_against_its_own_matmul_ra
     assert {train[v]["dtype"] for v in ("ours_fp32", "diffusers", "diffusers_best_fp32")} == {"float32"}
     flop_rows = [r for r in report["summary"] if "matmul" in r["what"]]
     assert flop_rows and all(r["reference"] > 0 and 0 < r["ratio"] for r in flop_rows)
-    mm = {k: sum(v) / len(v) for k, v in report["matmul_2048_gflop_per_s"].items()}
-    for r in flop_rows:  # each FLOP rate against the matmul rate of its own dtype, measured in the same run
-        dtype = r["what"].split("(")[1].split(")")[0]
-        assert r["reference"] == pytest.approx(mm[dtype])
+    mm = report["training"]["matmul_gflop_per_s"]
+    for r in flop_rows:  # each FLOP rate against the matmul of its own dtype, timed in the same interleaved rounds
+        mode, dtype = r["what"].split()[0], r["what"].split("(")[1].split(")")[0]
+        assert set(mm[mode]) == {"float32", "bfloat16"} and r["reference"] == pytest.approx(mm[mode][dtype])
     assert md.read_text().startswith("perf_suite: torch") and "| what | ours | reference | ratio | target |" in md.read_text()
