@@ -111,13 +111,14 @@ class SpacedDiffusion(GaussianDiffusion):
                 rows = self._cache[key] = self.timestep_map.to(device).repeat_interleave(batch).view(-1, batch)
         return rows
 
-    def p_mean_variance(self, model, x, t, *args, step_index: int | None = None, **kwargs):
+    def p_mean_variance(self, model, x, t, clip_denoised=True, denoised_fn=None, model_kwargs=None,
+                        step_index: int | None = None, **kwargs):
         if step_index is None or model is None or isinstance(model, _WrappedModel):
             model = self._wrap_model(model)
         else:  # every row is at step_index: the original step is a cached row, not an index kernel per step
             inner, mapped = model, self._mapped_rows(x.shape[0], x.device)[step_index]
             model = lambda x_, _t, **kw: inner(x_, mapped, **kw)  # noqa: E731
-        return super().p_mean_variance(model, x, t, *args, step_index=step_index, **kwargs)
+        return super().p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs, step_index, **kwargs)
 
     def training_losses(self, model, *args, **kwargs):
         return super().training_losses(self._wrap_model(model), *args, **kwargs)

@@ -102,6 +102,9 @@ def test_sampling_loops_give_the_model_original_timesteps_for_every_batch_size(l
         seen.clear()
         getattr(sp, loop)(model, (batch, 1, 2, 2), generator=torch.Generator().manual_seed(0))
         assert seen == [[s] * batch for s in range(900, -1, -100)]
+    seen.clear()
+    sp.p_mean_variance(model, torch.zeros(2, 1, 2, 2), torch.tensor([3, 3]), True, None, None, 3)  # positional
+    assert seen == [[300, 300]]
 
 
 def test_create_diffusion_matches_dit_arguments():
