@@ -205,8 +205,8 @@ class MatmulLimit:
     """The hardware limit of the FLOP-rate rows: a burst of ``burst`` MATMUL_N^2 matmuls per dtype, run inside
     the interleaved rounds of the steps it bounds, so both see the same phase of this VM (a limit measured only
     before and after the run moved by 1.4x between the two). A round keeps its burst's fastest matmul (caches
-    and AMX tiles warm, as in a sustained kernel: a single matmul after a training step is a cold one); the
-    limit is the median over rounds, in GFLOP/s (2 n^3 FLOPs per matmul)."""
+    warm, as in a sustained kernel: the first one after a training step starts with the step's data in cache);
+    the limit is the median over rounds, in GFLOP/s (2 n^3 FLOPs per matmul)."""
 
     def __init__(self, burst: int = 4) -> None:
         self.burst, self.best = burst, {"float32": [], "bfloat16": []}
