@@ -289,13 +289,15 @@ class _Slot:
 
 
 def time_forward(forward: Callable[..., torch.Tensor], x: torch.Tensor, t: torch.Tensor,
-                 kwargs: dict[str, Any] | None = None, repeats: int = 3) -> tuple[float, float]:
+                 kwargs: dict[str, Any] | None = None, repeats: int = 3, *, warmup: bool = True
+                 ) -> tuple[float, float]:
     """Median wall and calling-thread CPU seconds of ``repeats`` calls ``forward(x, t, **kwargs)`` under no_grad,
-    after one untimed warm-up (CUDA synchronised around each); (0, 0) for ``repeats=0`` (warm-up only)."""
+    after one untimed warm-up unless ``warmup=False`` (CUDA synchronised around each); (0, 0) for ``repeats=0``
+    (warm-up only)."""
     cuda = x.device.type == "cuda"
     walls, cpus = [], []
     with torch.no_grad():
-        for i in range(repeats + 1):
+        for i in range(int(not warmup), repeats + 1):
             if cuda:
                 torch.cuda.synchronize(x.device)
             start, start_cpu = time.perf_counter(), time.thread_time()
@@ -311,21 +313,23 @@ def time_forward(forward: Callable[..., torch.Tensor], x: torch.Tensor, t: torch
 def _time_forwards(slot: _Slot, sizes: list[int], rounds: int = 5) -> dict[int, float]:
     """Median wall seconds of a forward at each size, the sizes taking turns in every round, so a drift in the
     machine's speed falls on all of them alike (timed one size after another, the same model calibrated to 2,
-    4 or 8 rows from one start to the next)."""
+    4 or 8 rows from one start to the next). Each size is warmed up once, before the first round."""
     samples: dict[int, list[float]] = {b: [] for b in sizes}
+    for b in sizes:
+        _time_forward(slot, b, repeats=0)
     for _ in range(rounds):
         for b in sizes:
-            samples[b].append(_time_forward(slot, b, repeats=1))
+            samples[b].append(_time_forward(slot, b, repeats=1, warmup=False))
     return {b: statistics.median(v) for b, v in samples.items()}
 
 
-def _time_forward(slot: _Slot, rows: int, repeats: int) -> float:
+def _time_forward(slot: _Slot, rows: int, repeats: int, warmup: bool = True) -> float:
     """Median wall seconds of a forward of ``rows`` zero rows of the slot's model (:func:`time_forward`)."""
     m = slot.model
     x = torch.zeros(rows, slot.channels, int(m.image_size), int(m.image_size), device=m.device)
     t = torch.zeros(rows, dtype=torch.long, device=m.device)
     kw = {"y": torch.full((rows,), slot.null, dtype=torch.long, device=m.device)} if slot.conditional else {}
-    return time_forward(slot.forward, x, t, kw, repeats)[0]
+    return time_forward(slot.forward, x, t, kw, repeats, warmup=warmup)[0]
 
 
 _seq = itertools.count()

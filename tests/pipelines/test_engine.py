@@ -290,6 +290,8 @@ def test_time_forward_warms_up_once_then_takes_the_median_of_its_repeats():
     assert calls == [(2, 2, 7)] * 4
     assert 0.009 <= wall < 0.03 and cpu < wall  # the median of the timed calls; sleeping costs no CPU
     assert time_forward(forward, x, t, repeats=0) == (0.0, 0.0)  # warm-up only
+    calls.clear()
+    assert time_forward(forward, x, t, repeats=1, warmup=False)[0] > 0 and len(calls) == 1  # timed, no warm-up
 
 
 def test_calibration_times_the_sizes_in_interleaved_rounds(model):
@@ -297,7 +299,7 @@ def test_calibration_times_the_sizes_in_interleaved_rounds(model):
     seen, inner = [], slot.forward
     slot.forward = lambda x, t, **kw: (seen.append(x.shape[0]), inner(x, t, **kw))[1]
     costs = _time_forwards(slot, [1, 2, 4], rounds=3)
-    assert seen == [1, 1, 2, 2, 4, 4] * 3  # per size and round: one warm-up and one timed forward
+    assert seen == [1, 2, 4] + [1, 2, 4] * 3  # one warm-up per size, then one timed forward per size and round
     assert sorted(costs) == [1, 2, 4] and all(v > 0 for v in costs.values())
 
 
