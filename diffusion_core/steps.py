@@ -133,7 +133,7 @@ def ddpm_step(diffusion: GaussianDiffusion, x: torch.Tensor, t: torch.Tensor, t_
     _, var_out = _split(diffusion, x, model_output)
     beta = 1.0 - ab / ab_prev  # respaced beta' (Nichol & Dhariwal 2021, Sec. 4)
     # posterior mean coef1 x0 + coef2 x_t   (Ho et al. 2020, Eq. 7)
-    coef1 = beta * ab_prev.sqrt() / (1.0 - ab)
+    coef1 = beta * r_prev[:, SQRT_AB] / (1.0 - ab)
     coef2 = (1.0 - ab_prev) * (1.0 - beta).sqrt() / (1.0 - ab)
     c1, c2 = _cols(x, coef1, coef2)
     mean = c1 * x0 + c2 * x
