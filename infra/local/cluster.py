@@ -379,13 +379,24 @@ def start_ray_head(state: State, env: dict[str, str]) -> Component:
     return comp
 
 
-def start_ray_worker(state: State, env: dict[str, str] | None = None, expect_nodes: int = 2) -> Component:
-    """The second Ray node (also used to bring a lost worker node back)."""
+def start_ray_worker(state: State, env: dict[str, str] | None = None) -> Component:
+    """The second Ray node (also used to bring a lost worker node back). It is up once a node id that the GCS did
+    not list before is ALIVE: a node killed a moment ago stays ALIVE in that list until its health checks fail
+    (~15 s), so counting ALIVE nodes would pass before the new one has joined, or when it never does."""
     if env is None:
         env = node_env(state, json.loads((STATE_DIR / "endpoints.json").read_text()))
+    for _ in range(20):  # the node list as it is before this node starts (it always lists the head)
+        if known := {n.get("node_id") for n in nodes(state)}:
+            break
+        time.sleep(0.5)
     argv = [*RAY_START, "start", f"--address=127.0.0.1:{state.ports['gcs']}", *_node_common(state, "worker")]
     comp = _spawn("ray_worker", argv, env, STATE_DIR / "logs" / "ray-worker.log")
-    _wait("Ray worker node", lambda: alive_nodes(state) >= expect_nodes, comp, 120)
+
+    def joined() -> bool:
+        return any(n.get("state") == "ALIVE" and not n.get("is_head_node") and n.get("node_id") not in known
+                   for n in nodes(state))
+
+    _wait("Ray worker node", joined, comp, 120)
     return comp
 
 
@@ -419,12 +430,15 @@ def start_serve(state: State, env: dict[str, str]) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ commands
+NODE_PORTS = ("node_manager", "object_manager", "agent", "agent_grpc", "runtime_env", "metrics")  # one Ray node's
+WORKER_PORT_KEYS = tuple(f"worker_{k}" for k in NODE_PORTS)
+
+
 def _new_state() -> State:
     cid = secrets.token_hex(3)
     names = ["postgres", "s3", "mlflow", "gcs", "dashboard", "ray_client", "serve"]
     for node in ("head", "worker"):
-        names += [f"{node}_{k}" for k in ("node_manager", "object_manager", "agent", "agent_grpc", "runtime_env",
-                                           "metrics")]
+        names += [f"{node}_{k}" for k in NODE_PORTS]
     ports = {n: _free_port() for n in names}
     # worker-port ranges: 200 each, below the kernel's ephemeral range (free ports above come from there) and
     # away from Ray's default 10002-19999, which the test suite's own local Ray uses
@@ -566,6 +580,9 @@ def worker_up() -> None:
         raise typer.Exit(1)
     if (old := state.components.get("ray_worker")) is not None:
         stop_session(old, grace_s=10)
+    # fresh ports: nothing a process of the old node still holds (or the kernel still lingers on) blocks the new one
+    state.ports.update({k: _free_port() for k in WORKER_PORT_KEYS})
+    save_state(state)
     state.components["ray_worker"] = start_ray_worker(state)
     save_state(state)
     typer.echo(f"[cluster] ray_worker: up again (pid {state.components['ray_worker'].pid})")

@@ -41,6 +41,12 @@ def _alive_node_ids(cluster) -> set[str]:
     return {n["node_id"] for n in cluster.ray_nodes() if n["state"] == "ALIVE"}
 
 
+def _nodes_seen(cluster) -> str:
+    """The GCS's node list, for a failure message: which nodes it holds ALIVE or DEAD, and their CPUs."""
+    return "\nnodes: " + ", ".join(f"{n['node_id'][:8]} {n['state']}{' head' if n.get('is_head_node') else ''} "
+                                    f"CPU={n.get('resources_total', {}).get('CPU')}" for n in cluster.ray_nodes())
+
+
 def test_cluster_up_starts(cluster):
     assert set(cluster.ep) >= ENDPOINT_KEYS
     assert cluster.ep["client_env"]["RAY_AUTH_MODE"] == "token"
@@ -140,7 +146,7 @@ def test_node_loss_resumes_from_the_s3_checkpoint(cluster, demo):
     finally:
         if job.poll() is None:
             job.kill()
-    assert job.returncode == 0, out[-4000:]
+    assert job.returncode == 0, out[-4000:] + _nodes_seen(cluster)
     out += cluster.job_logs(out)
     assert _alive_node_ids(cluster) != lost  # the worker came back as a new node
     resumed = [int(s) for s in re.findall(r"start_step=(\d+)/", out)]
@@ -172,7 +178,7 @@ def test_node_lost_for_good_fails_saying_so(cluster, demo):
     try:
         deadline = time.time() + 600
         while not cluster.keys("ray-results/tiny-gone/checkpoint_00000005/") and time.time() < deadline:
-            assert job.poll() is None, job.stdout.read()[-4000:]
+            assert job.poll() is None, job.stdout.read()[-4000:] + _nodes_seen(cluster)
             time.sleep(0.3)
         cluster.cli("kill-worker")
         out, _ = job.communicate(timeout=600)  # bounded: a hang fails here
