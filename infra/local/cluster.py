@@ -193,20 +193,20 @@ def _http_ok(url: str, headers: dict[str, str] | None = None) -> bool:
         return False
 
 
-def stop_session(comp: Component, grace_s: float = 30.0) -> None:
-    """SIGTERM the component (see :func:`stop_sessions`), then SIGKILL what is left of its session after
+def stop_session(comp: Component, grace_s: float = 30.0, first: signal.Signals = signal.SIGTERM) -> None:
+    """Send ``first`` to the component (see :func:`stop_sessions`), then SIGKILL what is left of its session after
     ``grace_s``."""
-    stop_sessions([comp], grace_s)
+    stop_sessions([comp], grace_s, first)
 
 
-def stop_sessions(comps: list[Component], grace_s: float = 30.0) -> None:
-    """:func:`stop_session` of several components at once: all get SIGTERM, then one shared grace period.
-    A Ray node gets it in every process, as ``ray stop`` does; the others in their leader."""
+def stop_sessions(comps: list[Component], grace_s: float = 30.0, first: signal.Signals = signal.SIGTERM) -> None:
+    """:func:`stop_session` of several components at once: all get ``first`` (SIGTERM), then one shared grace
+    period. A Ray node gets it in every process, as ``ray stop`` does; the others in their leader."""
     for comp in comps:
         whole = comp.name.startswith("ray")
         for pid in (session_pids(comp.pid) if whole else [comp.pid] if _alive(comp.pid) else []):
             try:
-                os.kill(pid, signal.SIGTERM)
+                os.kill(pid, first)
             except ProcessLookupError:
                 pass
 
@@ -578,9 +578,12 @@ def worker_up() -> None:
     if state is None:
         typer.echo("[cluster] not running", err=True)
         raise typer.Exit(1)
+    # What is left of the lost node gets SIGKILL, not SIGTERM: on SIGTERM its `ray start` asks the GCS to drain
+    # that node, and the GCS keeps sending the drain to the node's address until something answers there.
     if (old := state.components.get("ray_worker")) is not None:
-        stop_session(old, grace_s=10)
-    # fresh ports: nothing a process of the old node still holds (or the kernel still lingers on) blocks the new one
+        stop_session(old, grace_s=0, first=signal.SIGKILL)
+    # Fresh ports, for the same reason: the GCS still holds the lost node ALIVE at its address for ~15 s (health
+    # checks, drain RPCs). A new raylet on the same port was seen taking that drain and shutting down at start-up.
     state.ports.update({k: _free_port() for k in WORKER_PORT_KEYS})
     save_state(state)
     state.components["ray_worker"] = start_ray_worker(state)
