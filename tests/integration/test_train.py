@@ -115,22 +115,22 @@ def test_second_call_with_same_run_name_resumes(trained_model, tiny_workspace, t
 
 
 def test_torn_newest_checkpoint_falls_back_to_the_previous_one(ray_session, tiny_workspace, tiny_data):
-    cfg = tiny_config(tiny_workspace, "train.run_name=torn", "train.max_steps=40", "train.checkpoint_every=20",
+    cfg = tiny_config(tiny_workspace, "train.run_name=torn", "train.max_steps=20", "train.checkpoint_every=10",
                       "train.sample_every=1000")
     first = run_training(cfg, tiny_data, register=False)
     newest = Path(first.checkpoint_path)
-    assert newest.name == "checkpoint_00000040"
+    assert newest.name == "checkpoint_00000020"
     for name in ("model.safetensors", "state.pt"):  # a crash or an interrupted upload
         data = (newest / name).read_bytes()
         (newest / name).write_bytes(data[: len(data) // 2])
-    res = run_training(tiny_config(tiny_workspace, "train.run_name=torn", "train.max_steps=60",
-                                   "train.checkpoint_every=20", "train.sample_every=1000"), tiny_data, register=False)
-    assert res.resumed_from_step == 20 and res.steps == 60
-    assert _loss_steps(res.checkpoint_path) == list(range(1, 61))  # exactly 60 optimizer steps, each once
+    res = run_training(tiny_config(tiny_workspace, "train.run_name=torn", "train.max_steps=30",
+                                   "train.checkpoint_every=10", "train.sample_every=1000"), tiny_data, register=False)
+    assert res.resumed_from_step == 10 and res.steps == 30
+    assert _loss_steps(res.checkpoint_path) == list(range(1, 31))  # exactly 30 optimizer steps, each once
     ranks = _ranks(res.checkpoint_path)
-    assert [r["start_step"] for r in ranks] == [20, 20] and ranks[0]["start_noise"] != ranks[1]["start_noise"]
+    assert [r["start_step"] for r in ranks] == [10, 10] and ranks[0]["start_noise"] != ranks[1]["start_noise"]
     kept = sorted(p.name for p in newest.parent.glob("checkpoint_0*") if p.is_dir())
-    assert kept == ["checkpoint_00000040_1", "checkpoint_00000060"]  # the torn directory was not reused
+    assert kept == ["checkpoint_00000020_1", "checkpoint_00000030"]  # the torn directory was not reused
 
 
 _KILLED_REGISTRATION = """
