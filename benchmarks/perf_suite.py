@@ -180,7 +180,8 @@ def training_section(args: argparse.Namespace, reference: Any) -> dict[str, Any]
         print(f"[train] batch {batch}: {', '.join(steps)} ({args.rounds} interleaved rounds)", flush=True)
         mm = MatmulLimit()
         timed = interleaved({**steps, **(mm.fns() if limit else {})}, args.rounds, warmup=2 if args.compile else 1)
-        mm_rates.update({"train": mm.rates(timed)} if limit else {})
+        if limit:
+            mm_rates["train"] = mm.rates(timed)
         for name, secs in timed.items():
             rows.append({"mode": "train", "variant": name, "batch": batch, "images_per_s": batch / _median(secs),
                          "dtype": _dtype_name(specs[name][3]), "seconds_all_rounds": secs})
@@ -216,8 +217,7 @@ class MatmulLimit:
         return {f"matmul_{name}": self._bursts(name) for name in self.best}
 
     def _bursts(self, name: str) -> Callable[[], None]:
-        dtype = getattr(torch, name)
-        a, b = torch.randn(MATMUL_N, MATMUL_N).to(dtype), torch.randn(MATMUL_N, MATMUL_N).to(dtype)
+        a, b = _matmul_operands(MATMUL_N, getattr(torch, name))
 
         def run() -> None:
             secs = []
@@ -233,7 +233,16 @@ class MatmulLimit:
         bursts' own entries from ``timed``."""
         for k in [k for k in timed if k.startswith("matmul_")]:
             timed.pop(k)
-        return {name: 2 * MATMUL_N**3 / _median(v) / 1e9 for name, v in self.best.items() if v}
+        return {name: _matmul_gflop_per_s(MATMUL_N, _median(v)) for name, v in self.best.items() if v}
+
+
+def _matmul_operands(n: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+
+
+def _matmul_gflop_per_s(n: int, seconds: float) -> float:
+    """GFLOP/s of one n x n matmul that took ``seconds`` (2 n^3 FLOPs)."""
+    return 2 * n**3 / seconds / 1e9
 
 
 def _dtype_name(dtype: torch.dtype | None) -> str:
@@ -393,12 +402,12 @@ def autocast_section(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------------------------- 4. matmul
-def matmul_gflops(n: int = 2048, rounds: int = 5, dtype: torch.dtype = torch.float32) -> float:
+def matmul_gflops(n: int = MATMUL_N, rounds: int = 5, dtype: torch.dtype = torch.float32) -> float:
     """GFLOP/s of an n x n matmul in ``dtype`` (2 n^3 FLOPs), median of ``rounds``."""
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a, b = _matmul_operands(n, dtype)
     a @ b
     secs = interleaved({"mm": lambda: a @ b}, rounds)["mm"]
-    return 2 * n**3 / _median(secs) / 1e9
+    return _matmul_gflop_per_s(n, _median(secs))
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -459,9 +468,9 @@ def summary(train: dict[str, Any], sampling: list[dict], overhead: list[dict], m
                     "ours": o["ours_us_per_step"], "reference": o["diffusers_us_per_step"],
                     "ratio": o["diffusers_us_per_step"] / o["ours_us_per_step"], "target": None})
     for mode, target in (("train", 0.7), ("infer", 0.8)):
+        limit = {**mm, **train.get("matmul_gflop_per_s", {}).get(mode, {})}
         for variant in ("ours", "ours_fp32", "ours_compiled"):
             r = _pick(rows, mode=mode, variant=variant, batch=bmax)
-            limit = {**mm, **train.get("matmul_gflop_per_s", {}).get(mode, {})}
             if r and r["dtype"] in limit:  # each row against the matmul rate of its own dtype
                 out.append({"what": f"{mode} b{bmax} {variant} ({r['dtype']}) GFLOP/s vs 2048^2 {r['dtype']} matmul",
                             "ours": r["gflop_per_s"], "reference": limit[r["dtype"]],
