@@ -36,6 +36,22 @@ def _zero_(module: nn.Module) -> nn.Module:
     return module
 
 
+def _silu_fresh(h: torch.Tensor) -> torch.Tensor:
+    """SiLU of a tensor nothing else holds (a norm's output): in place when autograd does not need ``h``."""
+    return F.silu(h, inplace=not (torch.is_grad_enabled() and h.requires_grad))
+
+
+def _add_fresh(h: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """``h + other`` for a tensor nothing else holds (a layer's output): in place when autograd does not need it.
+
+    ``other`` must broadcast to ``h``'s shape. Mixed dtypes add out of place, so the result (values and dtype) is
+    the same either way.
+    """
+    if other.dtype == h.dtype and not (torch.is_grad_enabled() and h.requires_grad):
+        return h.add_(other)
+    return h + other
+
+
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm (Wu & He 2018) that always normalises in float32 and returns the input dtype.
 
@@ -153,7 +169,7 @@ class ResBlock(_Checkpointable):
         return x
 
     def _forward(self, x: torch.Tensor, emb_act: torch.Tensor) -> torch.Tensor:
-        h = F.silu(self.norm1(x))
+        h = _silu_fresh(self.norm1(x))
         if self.resample is not None:
             h, x = self._resample(h), self._resample(x)
         h = self.conv1(h)
@@ -162,9 +178,9 @@ class ResBlock(_Checkpointable):
             scale, shift = e.chunk(2, dim=1)
             h = torch.addcmul(shift, self.norm2(h), 1 + scale)  # AdaGN (Dhariwal & Nichol 2021 sec. 3)
         else:
-            h = self.norm2(h + e)  # h + W*SiLU(emb) (Ho et al. 2020 app. B)
-        h = self.conv2(self.dropout(F.silu(h)))
-        return self.skip(x) + h
+            h = self.norm2(_add_fresh(h, e))  # h + W*SiLU(emb) (Ho et al. 2020 app. B)
+        h = self.conv2(self.dropout(_silu_fresh(h)))
+        return _add_fresh(h, self.skip(x))
 
 
 class AttentionBlock(_Checkpointable):
@@ -480,4 +496,4 @@ class UNet(nn.Module):
         h = self.mid(h, emb_act)
         for block in self.up:
             h = block(torch.cat([h, skips.pop()], dim=1), emb_act)
-        return self.out_conv(F.silu(self.out_norm(h)))
+        return self.out_conv(_silu_fresh(self.out_norm(h)))

@@ -140,6 +140,28 @@ def test_unet_and_diffusers_import_default_to_channels_last() -> None:
     assert torch.equal(loaded.conv_in.weight, theirs.conv_in.weight)
 
 
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+@pytest.mark.parametrize("scale_shift", [False, True])
+def test_in_place_inference_equals_the_out_of_place_forward(dtype, scale_shift) -> None:
+    """Without autograd the ResBlocks' SiLUs and residual adds run in place on their own fresh outputs: the same
+    bits as with grad on (out of place), and the caller's input is left untouched."""
+    cfg = {**TINY, "num_classes": 3, "use_scale_shift_norm": scale_shift, "resblock_updown": scale_shift}
+    model = randomize_(UNet(**cfg)).eval()
+    g = torch.Generator().manual_seed(3)
+    x, t, y = torch.randn(2, 3, 8, 8, generator=g), torch.tensor([5, 700]), torch.tensor([0, 2])
+    x_before = x.clone()
+    run = autocast_forward(model, "cpu", dtype)
+    with torch.enable_grad():
+        x_grad = x.clone().requires_grad_()
+        reference = run(x_grad, t, y=y).detach()
+    with torch.inference_mode():
+        fast = run(x, t, y=y)
+    with torch.no_grad():
+        fast_no_grad = run(x, t, y=y)
+    assert torch.equal(fast, reference) and torch.equal(fast_no_grad, reference)
+    assert torch.equal(x, x_before)
+
+
 def _adamw_steps(model: UNet, kwargs: dict, steps: int = 3) -> dict[str, torch.Tensor]:
     """AdamW steps fed the same gradient sequence (the first is the model's real gradient, then fixed draws),
     so the comparison is about the optimizer kernels, not chaotic training dynamics."""
