@@ -36,9 +36,14 @@ def _zero_(module: nn.Module) -> nn.Module:
     return module
 
 
+def _autograd_records(h: torch.Tensor) -> bool:
+    """Whether an op on ``h`` is recorded for backward (then ``h`` may be saved and must not be overwritten)."""
+    return torch.is_grad_enabled() and h.requires_grad
+
+
 def _silu_fresh(h: torch.Tensor) -> torch.Tensor:
     """SiLU of a tensor nothing else holds (a norm's output): in place when autograd does not need ``h``."""
-    return F.silu(h, inplace=not (torch.is_grad_enabled() and h.requires_grad))
+    return F.silu(h, inplace=not _autograd_records(h))
 
 
 def _add_fresh(h: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
@@ -47,7 +52,7 @@ def _add_fresh(h: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     ``other`` must broadcast to ``h``'s shape. Mixed dtypes add out of place, so the result (values and dtype) is
     the same either way.
     """
-    if other.dtype == h.dtype and not (torch.is_grad_enabled() and h.requires_grad):
+    if other.dtype == h.dtype and not _autograd_records(h):
         return h.add_(other)
     return h + other
 
