@@ -78,10 +78,22 @@ class State(BaseModel):
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_port(reserved: range = range(0)) -> int:
+    """A port the kernel calls free on 127.0.0.1, outside ``reserved`` (the Ray nodes' worker-port ranges)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in reserved:
+            return port
+
+
+def _ephemeral_low() -> int:
+    """The kernel's lowest ephemeral port: where ``_free_port`` answers from (Linux default 32768)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def _secret(path: Path, make: Callable[[], str]) -> str:
@@ -434,16 +446,29 @@ NODE_PORTS = ("node_manager", "object_manager", "agent", "agent_grpc", "runtime_
 WORKER_PORT_KEYS = tuple(f"worker_{k}" for k in NODE_PORTS)
 
 
+def _worker_ranges(ports: dict[str, int]) -> range:
+    """The ports the two nodes' Ray workers may take: 200 from ``head_min_worker``, then the worker node's 200."""
+    return range(ports["head_min_worker"], ports["worker_min_worker"] + 200)
+
+
+def _port_layout(cid: str) -> dict[str, int]:
+    """Every port of a new cluster: the components' (free ones) and where each node's worker range starts.
+
+    Worker ranges sit above Ray's default 10002-19999 (the test suite's own local Ray) and below the kernel's
+    ephemeral range where it leaves room; the free ports skip them anyway, since a component's port inside a
+    node's worker range makes `ray start` refuse to start.
+    """
+    names = ["postgres", "s3", "mlflow", "gcs", "dashboard", "ray_client", "serve"]
+    names += [f"{node}_{k}" for node in ("head", "worker") for k in NODE_PORTS]
+    base = 20000 + (int(cid, 16) % max(1, (_ephemeral_low() - 20400) // 400)) * 400
+    ports = {"head_min_worker": base, "worker_min_worker": base + 200}
+    ports.update({n: _free_port(_worker_ranges(ports)) for n in names})
+    return ports
+
+
 def _new_state() -> State:
     cid = secrets.token_hex(3)
-    names = ["postgres", "s3", "mlflow", "gcs", "dashboard", "ray_client", "serve"]
-    for node in ("head", "worker"):
-        names += [f"{node}_{k}" for k in NODE_PORTS]
-    ports = {n: _free_port() for n in names}
-    # worker-port ranges: 200 each, below the kernel's ephemeral range (free ports above come from there) and
-    # away from Ray's default 10002-19999, which the test suite's own local Ray uses
-    base = 20000 + (int(cid, 16) % 40) * 400
-    ports["head_min_worker"], ports["worker_min_worker"] = base, base + 200
+    ports = _port_layout(cid)
     temp = {n: f"/tmp/rc-{cid}{n[0]}" for n in ("head", "worker")}
     return State(cluster_id=cid, ports=ports, temp_dirs=temp, pg_bin=str(_pg_bin()), pg_as_user=_ensure_pg_user())
 
@@ -584,7 +609,7 @@ def worker_up() -> None:
         stop_session(old, grace_s=0, first=signal.SIGKILL)
     # Fresh ports, for the same reason: the GCS still holds the lost node ALIVE at its address for ~15 s (health
     # checks, drain RPCs). A new raylet on the same port was seen taking that drain and shutting down at start-up.
-    state.ports.update({k: _free_port() for k in WORKER_PORT_KEYS})
+    state.ports.update({k: _free_port(_worker_ranges(state.ports)) for k in WORKER_PORT_KEYS})
     save_state(state)
     state.components["ray_worker"] = start_ray_worker(state)
     save_state(state)
