@@ -24,7 +24,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from pathlib import Path
 
 import typer
@@ -78,18 +78,23 @@ class State(BaseModel):
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def _free_port(reserved: range = range(0)) -> int:
-    """A port the kernel calls free on 127.0.0.1, outside ``reserved`` (the Ray nodes' worker-port ranges)."""
-    while True:
+def _free_ports(n: int, avoid: Container[int]) -> list[int]:
+    """``n`` distinct ports the kernel calls free on 127.0.0.1, none in ``avoid`` (worker ranges, ports in use).
+
+    Each probe socket is closed before the next, so the kernel may offer a port twice: repeats are skipped.
+    """
+    ports: list[int] = []
+    while len(ports) < n:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        if port not in reserved:
-            return port
+        if port not in avoid and port not in ports:
+            ports.append(port)
+    return ports
 
 
 def _ephemeral_low() -> int:
-    """The kernel's lowest ephemeral port: where ``_free_port`` answers from (Linux default 32768)."""
+    """The kernel's lowest ephemeral port: where ``_free_ports`` draws from (Linux default 32768)."""
     try:
         return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     except (OSError, ValueError, IndexError):
@@ -456,13 +461,13 @@ def _port_layout(cid: str) -> dict[str, int]:
 
     Worker ranges sit above Ray's default 10002-19999 (the test suite's own local Ray) and below the kernel's
     ephemeral range where it leaves room; the free ports skip them anyway, since a component's port inside a
-    node's worker range makes `ray start` refuse to start.
+    node's worker range (or two components on one port) makes `ray start` refuse to start.
     """
     names = ["postgres", "s3", "mlflow", "gcs", "dashboard", "ray_client", "serve"]
     names += [f"{node}_{k}" for node in ("head", "worker") for k in NODE_PORTS]
     base = 20000 + (int(cid, 16) % max(1, (_ephemeral_low() - 20400) // 400)) * 400
     ports = {"head_min_worker": base, "worker_min_worker": base + 200}
-    ports.update({n: _free_port(_worker_ranges(ports)) for n in names})
+    ports.update(zip(names, _free_ports(len(names), _worker_ranges(ports)), strict=True))
     return ports
 
 
@@ -609,7 +614,8 @@ def worker_up() -> None:
         stop_session(old, grace_s=0, first=signal.SIGKILL)
     # Fresh ports, for the same reason: the GCS still holds the lost node ALIVE at its address for ~15 s (health
     # checks, drain RPCs). A new raylet on the same port was seen taking that drain and shutting down at start-up.
-    state.ports.update({k: _free_port(_worker_ranges(state.ports)) for k in WORKER_PORT_KEYS})
+    avoid = {*_worker_ranges(state.ports), *state.ports.values()}  # the old node's ports included
+    state.ports.update(zip(WORKER_PORT_KEYS, _free_ports(len(WORKER_PORT_KEYS), avoid), strict=True))
     save_state(state)
     state.components["ray_worker"] = start_ray_worker(state)
     save_state(state)

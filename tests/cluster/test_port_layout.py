@@ -1,12 +1,13 @@
 """Unit tests of the local cluster's port layout: no component port may land in a node's Ray worker range.
 
-A CI run once failed there: ``ray start`` refused the head because its metrics port (a free port from the
-kernel's ephemeral range) fell inside the head's worker range, which then overlapped that range.
+A CI run once failed there: ``ray start`` refused the worker node because its metrics port (a free port from
+the kernel's ephemeral range) fell inside its own worker range, which then overlapped that range.
 """
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterable
 from types import SimpleNamespace
 
 import pytest
@@ -14,25 +15,11 @@ import pytest
 from tests.cluster.conftest import local_cluster
 
 
-def test_worker_ranges_stay_below_the_ephemeral_range_for_every_cluster_id(monkeypatch):
-    monkeypatch.setattr(local_cluster, "_ephemeral_low", lambda: 32768)
-    counter = itertools.count(40000)
-    monkeypatch.setattr(local_cluster, "_free_port", lambda reserved=range(0): next(counter))
-    for cid in range(0, 0xFFFFFF, 997):
-        ports = local_cluster._port_layout(f"{cid:06x}")
-        workers = local_cluster._worker_ranges(ports)
-        assert workers.start >= 20000 and workers.stop <= 32768, (cid, workers)
-        assert ports["worker_min_worker"] == ports["head_min_worker"] + 200
+def _offer(monkeypatch, ports: Iterable[int]) -> None:
+    """Make the kernel's bind(("127.0.0.1", 0)) answer ``ports`` in this order."""
+    offered = iter(ports)
 
-
-@pytest.mark.parametrize("ephemeral_low", [1024, 20000, 32768])
-def test_free_ports_skip_the_worker_ranges(monkeypatch, ephemeral_low):
-    """The kernel's next free ports are made to start inside the worker ranges; the layout must skip them."""
-    monkeypatch.setattr(local_cluster, "_ephemeral_low", lambda: ephemeral_low)
-    base = 20000 + (int("abcdef", 16) % max(1, (ephemeral_low - 20400) // 400)) * 400
-    offered = iter(range(base + 100, base + 2000))
-
-    class FakeSocket:  # bind(("127.0.0.1", 0)) answers the next port of `offered`
+    class FakeSocket:
         def __enter__(self):
             return self
 
@@ -46,6 +33,24 @@ def test_free_ports_skip_the_worker_ranges(monkeypatch, ephemeral_low):
             return ("127.0.0.1", self.port)
 
     monkeypatch.setattr(local_cluster, "socket", SimpleNamespace(socket=FakeSocket))
+
+
+def test_worker_ranges_stay_below_the_ephemeral_range_for_every_cluster_id(monkeypatch):
+    monkeypatch.setattr(local_cluster, "_ephemeral_low", lambda: 32768)
+    _offer(monkeypatch, itertools.cycle(range(40000, 60000)))
+    for cid in range(0, 0xFFFFFF, 997):
+        ports = local_cluster._port_layout(f"{cid:06x}")
+        workers = local_cluster._worker_ranges(ports)
+        assert workers.start >= 20000 and workers.stop <= 32768, (cid, workers)
+        assert ports["worker_min_worker"] == ports["head_min_worker"] + 200
+
+
+@pytest.mark.parametrize("ephemeral_low", [1024, 20000, 32768])
+def test_free_ports_skip_the_worker_ranges_and_repeats(monkeypatch, ephemeral_low):
+    """The kernel is made to offer ports inside the worker ranges, and each one twice; the layout skips both."""
+    monkeypatch.setattr(local_cluster, "_ephemeral_low", lambda: ephemeral_low)
+    base = 20000 + (int("abcdef", 16) % max(1, (ephemeral_low - 20400) // 400)) * 400
+    _offer(monkeypatch, [p for p in range(base + 100, base + 2000) for _ in range(2)])
     ports = local_cluster._port_layout("abcdef")
     workers = local_cluster._worker_ranges(ports)
     assert workers == range(base, base + 400)
