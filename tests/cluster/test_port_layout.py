@@ -49,7 +49,8 @@ def test_worker_ranges_stay_below_the_ephemeral_range_for_every_cluster_id(monke
 def test_free_ports_skip_the_worker_ranges_and_repeats(monkeypatch, ephemeral_low):
     """The kernel is made to offer ports inside the worker ranges, and each one twice; the layout skips both."""
     monkeypatch.setattr(local_cluster, "_ephemeral_low", lambda: ephemeral_low)
-    base = 20000 + (int("abcdef", 16) % max(1, (ephemeral_low - 20400) // 400)) * 400
+    _offer(monkeypatch, itertools.count(40000))
+    base = local_cluster._port_layout("abcdef")["head_min_worker"]  # where this cluster id's ranges start
     _offer(monkeypatch, [p for p in range(base + 100, base + 2000) for _ in range(2)])
     ports = local_cluster._port_layout("abcdef")
     workers = local_cluster._worker_ranges(ports)
