@@ -24,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .embeddings import SinusoidalTimestepEmbedding
 
-__all__ = ["UNet", "ResBlock", "AttentionBlock", "GroupNorm32", "Downsample", "Upsample", "MaskDropout"]
+__all__ = ["UNet", "ResBlock", "AttentionBlock", "GroupNorm32", "Downsample", "Upsample", "MaskDropout", "keep_mask"]
 
 DOWNSAMPLE_PADDINGS = ("symmetric", "asymmetric")
 
@@ -103,17 +103,29 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
+def keep_mask(u: torch.Tensor, p: float) -> torch.Tensor:
+    """The dropout keep mask ``[u >= p]`` as 0/1 floats in ``u``'s dtype, built from float ops only.
+
+    ``min(sign(u - p) + 1, 1)`` equals ``[u >= p]`` exactly: an IEEE difference ``u - p`` is zero only when
+    ``u == p``. A boolean mask would be the same numbers, but inductor's CPU kernels store a boolean element by
+    element, which made the compiled training step of the ddpm-cifar10 UNet 10% slower (batch 8, 1 thread).
+    ``u`` is consumed (modified in place).
+    """
+    return u.sub_(p).sign_().add_(1.0).clamp_(max=1.0)
+
+
 class MaskDropout(nn.Dropout):
     """Inverted dropout (Srivastava et al. 2014): ``x * m / (1 - p)`` with ``m ~ Bernoulli(1 - p)``.
 
-    Same distribution as ``nn.Dropout``; the mask comes from one float32 uniform draw (``u >= p``), which is
-    markedly faster than ``bernoulli_`` on CPU, and is stored pre-scaled so backward is a single multiply.
+    Same distribution as ``nn.Dropout``; the mask ``m = [u >= p]`` (:func:`keep_mask`) comes from one float32
+    uniform draw ``u``, which is markedly faster than ``bernoulli_`` on CPU, and is stored pre-scaled so backward
+    is a single multiply.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
             return x
-        keep = torch.rand_like(x, dtype=torch.float32) >= self.p
+        keep = keep_mask(torch.rand_like(x, dtype=torch.float32), self.p)
         return x * keep.to(x.dtype).mul_(1.0 / (1.0 - self.p))
 
 

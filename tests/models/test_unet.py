@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from diffusion_core.models import UNet
+from diffusion_core.models.unet import MaskDropout, keep_mask
 
 TINY = {
     "in_channels": 3,
@@ -175,3 +176,37 @@ def test_bf16_autocast_and_half_model_are_finite() -> None:
     half = model.to(torch.bfloat16)
     out = half(x.bfloat16(), t)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("p", [0.1, 0.3, 0.5])
+def test_keep_mask_is_u_at_least_p_exactly(p: float) -> None:
+    pf = torch.tensor(p, dtype=torch.float32)
+    edges = torch.stack([torch.tensor(0.0), torch.nextafter(pf, torch.tensor(0.0)), pf,
+                         torch.nextafter(pf, torch.tensor(1.0)), torch.tensor(0.5), torch.tensor(1.0 - 2**-24)])
+    u = torch.cat([edges, torch.rand(10_000, generator=torch.Generator().manual_seed(0))])
+    m = keep_mask(u.clone(), p)  # p as a Python float, as MaskDropout passes it
+    assert m.dtype == torch.float32 and set(m.unique().tolist()) <= {0.0, 1.0}
+    torch.testing.assert_close(m, (u >= p).float(), atol=0, rtol=0)  # u == p is kept, its neighbour below is not
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mask_dropout_is_inverted_dropout_with_the_uniform_draw(dtype: torch.dtype) -> None:
+    drop = MaskDropout(0.3)
+    x = torch.randn(4, 8, 16, 16).to(dtype).requires_grad_()
+    torch.manual_seed(7)
+    out = drop(x)
+    torch.manual_seed(7)
+    keep = (torch.rand(x.shape) >= 0.3).to(dtype)  # the same draw: x * [u >= p] / (1 - p)
+    torch.testing.assert_close(out, x * keep.mul_(1 / 0.7), atol=0, rtol=0)
+    out.sum().backward()
+    torch.testing.assert_close(x.grad, keep, atol=0, rtol=0)  # backward is one multiply by the scaled mask
+    assert drop.eval()(x) is x
+
+
+def test_mask_dropout_keeps_1_minus_p_and_the_mean() -> None:
+    x = torch.ones(1_000_000)
+    torch.manual_seed(0)
+    out = MaskDropout(0.3)(x)
+    kept = (out != 0).double().mean().item()
+    assert abs(kept - 0.7) < 5 * (0.21 / x.numel()) ** 0.5  # Bernoulli(0.7): 5 standard errors
+    assert abs(out.double().mean().item() - 1.0) < 5 * (0.3 / 0.7 / x.numel()) ** 0.5  # E[m / (1 - p)] = 1
