@@ -1,7 +1,9 @@
 """Everything in issue 14's table, measured side by side in one process: ours vs diffusers with the same weights.
 
 Each side runs as a user gets it by default, and the two are timed in interleaved rounds (A B A B ...) so machine
-load drifts hit both alike; medians are reported, every round is kept in the JSON with the load average.
+load drifts hit both alike; medians are reported, every round is kept in the JSON with the load average. A
+training or inference ratio comes twice: ``ratio``, of the two sides' medians, and ``paired``, the median of the
+per-round ratios (steadier when the machine changes speed during the run).
 
 1. Training step, ddpm-cifar10-32 config (35.7M parameters, dropout 0.1), batch 8 and 16: forward + MSE
    backward + AdamW step. ``ours`` = what a user gets by default: our UNet's defaults (channels_last) +
@@ -418,6 +420,16 @@ def _pick(rows: list[dict], **kw: Any) -> dict | None:
     return None
 
 
+def paired_ratio(a: dict[str, Any], b: dict[str, Any]) -> float | None:
+    """Median over interleaved rounds of a's images/s over b's in the same round, ``(n_a t_b) / (n_b t_a)``, or
+    None when the two were not timed in the same rounds. Steadier than the ratio of the two medians when the
+    machine's speed drifts during the run (a slow phase then hits both sides of a pair alike)."""
+    ta, tb = a.get("seconds_all_rounds"), b.get("seconds_all_rounds")
+    if not ta or not tb or len(ta) != len(tb):
+        return None
+    return _median([(a["batch"] * y) / (b["batch"] * x) for x, y in zip(ta, tb, strict=True)])
+
+
 def summary(train: dict[str, Any], sampling: list[dict], overhead: list[dict], mm: dict[str, float],
             batches: list[int], autocast: list[dict] | None = None) -> list[dict[str, Any]]:
     """The issue's table: one row per target with our value, the reference value and the ratio.
@@ -430,7 +442,7 @@ def summary(train: dict[str, Any], sampling: list[dict], overhead: list[dict], m
     def ratio(name: str, a: dict | None, b: dict | None, target: float | None, key: str = "images_per_s") -> None:
         if a and b:
             out.append({"what": name, "ours": a[key], "reference": b[key], "ratio": a[key] / b[key],
-                        "target": target})
+                        "paired": paired_ratio(a, b), "target": target})
 
     for b in batches:
         ours = _pick(rows, mode="train", variant="ours", batch=b)
@@ -524,10 +536,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"\nperf suite: torch {torch.__version__}, diffusers {diffusers_version}, threads "
           f"{torch.get_num_threads()}, loadavg before {load_before[0]:.2f} after {os.getloadavg()[0]:.2f}, "
           f"matmul GFLOP/s before/after: " + ", ".join(f"{k} {mm[k]:.0f}/{mm_after[k]:.0f}" for k in dtypes))
-    print(f"{'what':<96s} {'ours':>10s} {'ref':>10s} {'ratio':>7s} {'target':>7s}")
+    print(f"{'what':<96s} {'ours':>10s} {'ref':>10s} {'ratio':>7s} {'paired':>7s} {'target':>7s}")
     for r in table:
         tgt = f"{r['target']:.2f}" if r["target"] is not None else "-"
-        print(f"{r['what']:<96s} {r['ours']:10.2f} {r['reference']:10.2f} {r['ratio']:7.3f} {tgt:>7s}")
+        print(f"{r['what']:<96s} {r['ours']:10.2f} {r['reference']:10.2f} {r['ratio']:7.3f} "
+              f"{_fmt(r.get('paired')):>7s} {tgt:>7s}")
     report = {
         "benchmark": "perf_suite (issue 14)",
         "command": " ".join(["perf_suite.py", *(argv if argv is not None else sys.argv[1:])]),
@@ -550,16 +563,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return report
 
 
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
 def markdown_table(report: dict[str, Any]) -> str:
     """The summary as a Markdown table, with the run's facts (threads, load average) in a header line."""
     lines = [f"perf_suite: torch {report['torch']}, diffusers {report['diffusers']}, {report['threads']} threads, "
              f"training autocast {report['train_autocast_dtype']}, load average "
              f"{report['loadavg_before'][0]:.1f} -> {report['loadavg_after'][0]:.1f}", "",
-             "| what | ours | reference | ratio | target |", "|---|---:|---:|---:|---:|"]
+             "| what | ours | reference | ratio | paired | target |", "|---|---:|---:|---:|---:|---:|"]
     for r in report["summary"]:
         tgt = f"{r['target']:.2f}" if r["target"] is not None else "-"
         what = r["what"].replace("|", "\\|")  # a literal | (e.g. max |img diff|) would end the cell
-        lines.append(f"| {what} | {r['ours']:.2f} | {r['reference']:.2f} | {r['ratio']:.3f} | {tgt} |")
+        lines.append(f"| {what} | {r['ours']:.2f} | {r['reference']:.2f} | {r['ratio']:.3f} | "
+                     f"{_fmt(r.get('paired'))} | {tgt} |")
     return "\n".join(lines) + "\n"
 
 

@@ -51,4 +51,8 @@ def test_perf_suite_quick_reports_the_default_autocast_against_its_own_matmul_ra
     for r in flop_rows:  # each FLOP rate against the matmul of its own dtype, timed in the same interleaved rounds
         mode, dtype = r["what"].split()[0], r["what"].split("(")[1].split(")")[0]
         assert set(mm[mode]) == {"float32", "bfloat16"} and r["reference"] == pytest.approx(mm[mode][dtype])
-    assert md.read_text().startswith("perf_suite: torch") and "| what | ours | reference | ratio | target |" in md.read_text()
+    assert md.read_text().startswith("perf_suite: torch")
+    assert "| what | ours | reference | ratio | paired | target |" in md.read_text()
+    train_ratios = [r for r in report["summary"] if r["what"].startswith("train step")]
+    # one round: the median of per-round ratios is that round's ratio, i.e. the ratio of the two medians
+    assert train_ratios and all(r["paired"] == pytest.approx(r["ratio"], rel=1e-9) for r in train_ratios)
