@@ -538,9 +538,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"matmul GFLOP/s before/after: " + ", ".join(f"{k} {mm[k]:.0f}/{mm_after[k]:.0f}" for k in dtypes))
     print(f"{'what':<96s} {'ours':>10s} {'ref':>10s} {'ratio':>7s} {'paired':>7s} {'target':>7s}")
     for r in table:
-        tgt = f"{r['target']:.2f}" if r["target"] is not None else "-"
         print(f"{r['what']:<96s} {r['ours']:10.2f} {r['reference']:10.2f} {r['ratio']:7.3f} "
-              f"{_fmt(r.get('paired')):>7s} {tgt:>7s}")
+              f"{_fmt(r.get('paired')):>7s} {_fmt(r['target'], 2):>7s}")
     report = {
         "benchmark": "perf_suite (issue 14)",
         "command": " ".join(["perf_suite.py", *(argv if argv is not None else sys.argv[1:])]),
@@ -563,8 +562,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return report
 
 
-def _fmt(x: float | None) -> str:
-    return "-" if x is None else f"{x:.3f}"
+def _fmt(x: float | None, digits: int = 3) -> str:
+    """A table cell: ``x`` to ``digits`` decimals, or "-" when there is no value."""
+    return "-" if x is None else f"{x:.{digits}f}"
 
 
 def markdown_table(report: dict[str, Any]) -> str:
@@ -574,10 +574,9 @@ def markdown_table(report: dict[str, Any]) -> str:
              f"{report['loadavg_before'][0]:.1f} -> {report['loadavg_after'][0]:.1f}", "",
              "| what | ours | reference | ratio | paired | target |", "|---|---:|---:|---:|---:|---:|"]
     for r in report["summary"]:
-        tgt = f"{r['target']:.2f}" if r["target"] is not None else "-"
         what = r["what"].replace("|", "\\|")  # a literal | (e.g. max |img diff|) would end the cell
         lines.append(f"| {what} | {r['ours']:.2f} | {r['reference']:.2f} | {r['ratio']:.3f} | "
-                     f"{_fmt(r.get('paired'))} | {tgt} |")
+                     f"{_fmt(r.get('paired'))} | {_fmt(r['target'], 2)} |")
     return "\n".join(lines) + "\n"
 
 
